@@ -1,0 +1,262 @@
+"""Model I/O: resolve a name, directory or hub id; load (model, tokenizer); save an artifact atomically."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from . import __version__
+from .errors import (ConfigError, CorruptModelError, ModelNotFoundError, OutputExistsError,
+                     UnsupportedModelError)
+
+ASSETS = Path(__file__).parent / "assets"
+EMBEDDED_MODELS = ("tiny", "reasoner", "moe")
+# HF `model_type`s whose causal-LM classes pocketlm's passes understand (dense and MoE families).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+RECORD_FILE = "pocketlm.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model came from: the name the user gave and the directory it resolved to."""
+
+    name: str
+    path: Path
+
+
+def resolve(name_or_path: str | os.PathLike) -> ModelSource:
+    """Find the model directory for an embedded name, a local directory or a cached hub id."""
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSource(name, path.resolve())
+    if name in EMBEDDED_MODELS:
+        return ModelSource(name, ASSETS / "models" / name)
+    if path.exists():
+        raise ModelNotFoundError(f"'{name}' is a file, not a model directory",
+                                 "pass the directory that holds config.json and the weights")
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return ModelSource(name, _from_hub(name))
+    raise ModelNotFoundError(
+        f"no model directory at '{name}'",
+        f"pass a directory with config.json and weights, or one of the embedded models: {', '.join(EMBEDDED_MODELS)}")
+
+
+def _from_hub(repo_id: str) -> Path:
+    # Local cache first; a download only where the network allows it.
+    from huggingface_hub import snapshot_download
+    with contextlib.suppress(Exception):
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
+        with contextlib.suppress(Exception):
+            return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    raise ModelNotFoundError(
+        f"hub model '{repo_id}' is not a local directory, not in the Hugging Face cache, and cannot be downloaded (offline)",
+        f"download it on a machine with network (`hf download {repo_id} --local-dir DIR`) and pass DIR")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """config.json as a dict, checked for a supported architecture."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelNotFoundError(f"'{path}' has no config.json",
+                                 "pass a Hugging Face model directory (config.json + weights)")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptModelError(f"'{cfg_file}' is not valid JSON ({e.msg if hasattr(e, 'msg') else e})",
+                                "restore the file from the original model") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        arch = ", ".join(config.get("architectures") or []) or "no architectures field"
+        raise UnsupportedModelError(
+            f"unsupported architecture '{model_type}' ({arch}) in '{path}'",
+            f"pocketlm supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return config
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a model directory, sorted; raises if there are none."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+                   and not p.name.startswith("training_args"))
+    if not files:
+        raise CorruptModelError(f"'{path}' has no weight files (*.safetensors)",
+                                "copy the model's weights into the directory")
+    return files
+
+
+def check_weights(path: Path) -> None:
+    """Open every safetensors header so a corrupt or truncated file fails here, not mid-run."""
+    from safetensors import SafetensorError, safe_open
+    for f in weight_files(path):
+        if not f.name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            raise CorruptModelError(f"'{f}' is corrupt or truncated ({e})",
+                                    "re-download or re-copy the weights") from None
+
+
+def content_hash(path: Path) -> str:
+    """sha256 over the weight files and config.json of a model directory, in name order."""
+    digest = hashlib.sha256()
+    for f in [path / "config.json", *weight_files(path)]:
+        digest.update(f.name.encode())
+        with open(f, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """sha256 of one file (calibration or evaluation data)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def pick_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device '{device}' asked for, but no CUDA device is available",
+                          "use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"unknown device '{device}'", "use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def pick_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype '{dtype}'", f"use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: an embedded name (tiny, reasoner, moe), a model directory, or a hub id
+            already in the local Hugging Face cache.
+        dtype: float32 (default, an exact baseline on CPU), bfloat16 or float16.
+        device: cpu (default), cuda, cuda:N or auto.
+
+    Returns:
+        (model, tokenizer), the model in eval mode. `model.pocketlm_source` is the ModelSource and
+        `model.pocketlm_record` the artifact's pocketlm.json (empty for a plain HF model).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    source = resolve(name_or_path)
+    read_config(source.path)
+    check_weights(source.path)
+    torch_dtype, device = pick_dtype(dtype), pick_device(device)
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
+        tok = AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptModelError(f"cannot load '{source.path}': {first}",
+                                "check that config.json, the weights and the tokenizer files belong together") from None
+    model.to(device).eval()
+    record_file = source.path / RECORD_FILE
+    model.pocketlm_source = source
+    model.pocketlm_record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    return model, tok
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; move it into place only if the block succeeds.
+
+    Refuses an existing `out` unless `overwrite`, and any `out` that is or contains a protected input.
+    """
+    out = Path(out).expanduser().resolve()
+    for p in protect:
+        p = Path(p).resolve()
+        if out == p or p.is_relative_to(out) or out.is_relative_to(p):
+            raise OutputExistsError(f"output '{out}' would overwrite the input model '{p}'",
+                                    "choose an output directory outside the input model")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output '{out}' already exists", "pass --overwrite or choose another path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a file through a temporary name in the same directory, then rename it into place."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None,
+         calibration_hash: str | None = None, evaluation: dict | None = None,
+         overwrite: bool = False) -> Path:
+    """Write an artifact: safetensors weights, config.json, tokenizer and pocketlm.json.
+
+    Args:
+        model, tok: as returned by `load` (possibly compressed in place since).
+        out: the artifact directory; written to a temporary directory and moved into place at the end.
+        recipe: the passes applied, as dicts (`config.to_dict()`), in order.
+        calibration_hash: `file_hash` of the calibration data, when a pass used one.
+        evaluation: an EvalReport dict to store with the artifact.
+        overwrite: replace an existing `out` (never the source model).
+    """
+    source: ModelSource | None = getattr(model, "pocketlm_source", None)
+    protect = (source.path,) if source else ()
+    prior = getattr(model, "pocketlm_record", {}) or {}
+    record = {
+        "pocketlm_version": __version__,
+        # A re-saved artifact keeps its original source; a plain model is its own source.
+        "source": prior.get("source") or (
+            {"name": source.name, "path": str(source.path), "hash": content_hash(source.path)} if source else None),
+        "recipe": [*prior.get("recipe", []), *(recipe or [])],
+        "calibration_hash": calibration_hash or prior.get("calibration_hash"),
+        "evaluation": evaluation,
+    }
+    with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return Path(out)
