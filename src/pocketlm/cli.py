@@ -16,6 +16,8 @@ from .errors import ConfigError, PocketError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Make Hugging Face causal LMs small and fast for edge machines, measure them, run them.")
 out = Console()
+if not out.is_terminal:  # piped output: keep the wide tables on one line per row
+    out = Console(width=180)
 
 
 def _batch_sizes(value: str) -> tuple[int, ...]:

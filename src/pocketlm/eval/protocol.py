@@ -31,7 +31,8 @@ class EvalProtocol(BaseConfig):
             per forward (4).
         cloze_min_context: next-word cloze counts words starting at least this far into a window (32).
         tasks: JSONL of question/answer items for chat models (None: no task accuracy);
-            task_limit: first N items (None: all); task_max_new_tokens (64); task_thinking: slow mode (False).
+            task_limit: first N items (None: all); task_max_new_tokens (64); task_thinking: slow mode (False);
+            task_soft_switch: end the user turn with " /think" or " /no_think" to match the mode (True).
     Speed (skipped with speed=False):
         prefill_tokens (512) at batch 1; decode at `decode_batch_sizes` (1, 8) from a
         `decode_prompt_tokens` (32) prompt, `decode_new_tokens` (128) forced, greedy; `warmup` (1)
@@ -51,6 +52,7 @@ class EvalProtocol(BaseConfig):
     task_limit: int | None = None
     task_max_new_tokens: int = 64
     task_thinking: bool = False
+    task_soft_switch: bool = True
     speed: bool = True
     prefill_tokens: int = 512
     decode_prompt_tokens: int = 32
@@ -186,7 +188,7 @@ def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=No
     quality.update(task_accuracy=None, task_items=None, task_mean_tokens=None)
     rows = []
     if items:
-        result = task_accuracy(model, tok, items, thinking=protocol.task_thinking,
+        result = task_accuracy(model, tok, items, thinking=protocol.task_thinking, soft_switch=protocol.task_soft_switch,
                                max_new_tokens=protocol.task_max_new_tokens, show_progress=show_progress)
         rows = result.pop("rows")
         quality.update(result)

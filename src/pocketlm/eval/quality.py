@@ -133,10 +133,12 @@ def stop_token_ids(tok) -> list[int]:
 
 
 @torch.no_grad()
-def task_accuracy(model, tok, items: list[dict], *, thinking: bool = False, max_new_tokens: int = 64,
-                  batch_size: int = 16, show_progress: bool = True) -> dict:
+def task_accuracy(model, tok, items: list[dict], *, thinking: bool = False, soft_switch: bool = True,
+                  max_new_tokens: int = 64, batch_size: int = 16, show_progress: bool = True) -> dict:
     """Greedy chat answers to question/answer items (left-padded batches).
 
+    The mode is set by the chat template's `enable_thinking` and, with `soft_switch`, by ending the
+    user turn with " /think" or " /no_think" as Qwen3-style models are trained to read.
     Returns accuracy, items, mean generated tokens (stop token included) and per-item rows.
     """
     stops = stop_token_ids(tok)
@@ -147,7 +149,8 @@ def task_accuracy(model, tok, items: list[dict], *, thinking: bool = False, max_
     try:
         for start in progress_bar(range(0, len(items), batch_size), "tasks", show=show_progress):
             chunk = items[start:start + batch_size]
-            prompts = [tok.apply_chat_template([{"role": "user", "content": it["question"]}], tokenize=False,
+            switch = (" /think" if thinking else " /no_think") if soft_switch else ""
+            prompts = [tok.apply_chat_template([{"role": "user", "content": it["question"] + switch}], tokenize=False,
                                                add_generation_prompt=True, enable_thinking=thinking) for it in chunk]
             enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
             out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,

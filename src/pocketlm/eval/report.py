@@ -80,7 +80,7 @@ def _table(reports: Sequence[dict], scores: dict) -> tuple[list[str], list[list[
     """Headers and string cells shared by the markdown, HTML and rich tables."""
     with_task = any(_get(r, "quality", "task_accuracy") is not None for r in reports)
     headers = ["model", "ppl", "KL", "top-1", "cloze", *(["task acc"] if with_task else []), "weights MB",
-               "peak RSS MB", "prefill ms", "decode tok/s b1", "decode tok/s b8", "J/token", "score"]
+               "peak RSS MB", "prefill ms", "tok/s b1", "tok/s b8", "J/token", "score"]
     rows = []
     for r, row in zip(reports, scores["rows"]):
         q, e = r["quality"], r["efficiency"]
@@ -100,7 +100,7 @@ def render_table(reports: Sequence[dict], weights: ScoreWeights = ScoreWeights()
     headers, rows = _table(reports, weighted_scores(reports, weights))
     table = Table(title="pocketlm evaluation")
     for i, h in enumerate(headers):
-        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i > 0)
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in rows:
         table.add_row(*row)
     return table
@@ -189,7 +189,7 @@ def _context(reports: list[dict], weights: ScoreWeights) -> dict:
         warnings.append("protocols differ between reports in: " + ", ".join(diff)
                         + " — quality numbers may not be comparable")
     fronts = {k.replace("_", " "): ", ".join(v) if v else MISSING for k, v in scores["fronts"].items()}
-    return {"scores": scores, "headers": headers, "rows": rows, "warnings": warnings, "fronts": fronts,
+    return {"reports": reports, "scores": scores, "headers": headers, "rows": rows, "warnings": warnings, "fronts": fronts,
             "protocol": {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)
                          for k, v in protocol.items()},
             "protocol_from": reports[0]["label"], "estimated": sorted(est), "machines": machines}
@@ -263,19 +263,33 @@ def write_report(reports: Sequence[dict], out_dir: str | os.PathLike, weights: S
     quality_vs_speed.png (the latter only when some report has a decode speed).
     Returns the output directory.
     """
-    import jinja2
+    ctx = _prepare(reports, weights)  # before atomic_dir, so bad input leaves nothing behind
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        _render(ctx, tmp)
+    return Path(out_dir)
+
+
+def render_report(reports: Sequence[dict], directory: str | os.PathLike,
+                  weights: ScoreWeights = ScoreWeights()) -> Path:
+    """The files of `write_report`, written into an existing directory that the caller makes atomic."""
+    _render(_prepare(reports, weights), Path(directory))
+    return Path(directory)
+
+
+def _prepare(reports: Sequence[dict], weights: ScoreWeights) -> dict:
     if not reports:
         raise DataError("no evaluation reports given", FIX)
     for i, r in enumerate(reports):
         _check(r, f"report {i + 1}")
-    reports = _unique_labels(reports)
-    ctx = _context(reports, weights)  # before atomic_dir, so bad input leaves nothing behind
+    return _context(_unique_labels(reports), weights)
+
+
+def _render(ctx: dict, directory: Path) -> None:
+    import jinja2
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        plots, plot_notes = _plots(tmp, reports, ctx["scores"]["quality_metric"])
-        (tmp / "report.md").write_text(_markdown(ctx, plots, plot_notes), encoding="utf-8")
-        html = env.from_string(HTML).render(**ctx, plots=plots, plot_notes=plot_notes, missing=MISSING)
-        (tmp / "report.html").write_text(html, encoding="utf-8")
-        payload = {"score": ctx["scores"], "reports": reports}
-        (tmp / "report.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    return Path(out_dir)
+    plots, plot_notes = _plots(directory, ctx["reports"], ctx["scores"]["quality_metric"])
+    (directory / "report.md").write_text(_markdown(ctx, plots, plot_notes), encoding="utf-8")
+    html = env.from_string(HTML).render(**ctx, plots=plots, plot_notes=plot_notes, missing=MISSING)
+    (directory / "report.html").write_text(html, encoding="utf-8")
+    payload = {"score": ctx["scores"], "reports": ctx["reports"]}
+    (directory / "report.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
