@@ -6,7 +6,6 @@ import traceback
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.text import Text
@@ -102,23 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
-    err = Console(stderr=True)
     try:
-        typer.main.get_command(app).main(args=argv, prog_name="pocketlm", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:  # usage errors: click's own message, exit 2
-        e.show()
-        sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
-        sys.exit(130)
+        # Standalone mode: typer reports usage errors itself (exit 2) and exits 0 on success.
+        typer.main.get_command(app).main(args=argv, prog_name="pocketlm", standalone_mode=True)
     except PocketError as e:
         if debug:
             traceback.print_exc()
-        err.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
+        Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         sys.exit(2)
-
 
 if __name__ == "__main__":
     main()

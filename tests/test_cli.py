@@ -1,0 +1,162 @@
+"""The CLI: a table and JSON for good input; one line, exit code 2 and nothing written for bad input."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoTokenizer
+
+from pocketlm.cli import main
+from pocketlm.io import ASSETS
+
+TINY = ASSETS / "models" / "tiny"
+QUICK = ["--tokens", "1024", "--no-speed"]
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def model_copy(tmp_path, name="model"):
+    dst = tmp_path / name
+    shutil.copytree(TINY, dst)
+    return dst
+
+
+def assert_bad_input(argv, capsys, tmp_path, *needles):
+    out_json = tmp_path / "out" / "result.json"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, out, err = run([*argv, "--json", str(out_json)] if argv[0] == "eval" else argv, capsys)
+    assert code == 2, (out, err)
+    message = err.strip()
+    assert message.startswith("error:") and "\n" not in message, err
+    assert "Traceback" not in err + out
+    for needle in needles:
+        assert needle in message, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "something was written"
+    return message
+
+
+def test_eval_writes_table_and_json(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    main_ok = ["eval", "tiny", "--baseline", "tiny", *QUICK, "--json", str(out_json)]
+    try:
+        main(main_ok)
+    except SystemExit as e:
+        assert e.code in (0, None)
+    out = capsys.readouterr().out
+    assert "tiny-float32" in out and "ppl" in out
+    report = json.loads(out_json.read_text())
+    for key in ("ppl", "kl", "top1", "cloze"):
+        assert key in report["quality"]
+    assert report["quality"]["kl"] == pytest.approx(0, abs=1e-6) and report["quality"]["top1"] == 1.0
+    for key in ("weights_mb", "peak_rss_mb", "prefill_ms", "decode_tok_s"):
+        assert key in report["efficiency"]
+    assert report["protocol"]["tokens"] == 1024 and report["protocol"]["speed"] is False
+
+
+def test_missing_model_path(tmp_path, capsys):
+    assert_bad_input(["eval", str(tmp_path / "nope")], capsys, tmp_path, "no model directory", "nope")
+
+
+def test_truncated_weights(tmp_path, capsys):
+    src = model_copy(tmp_path)
+    w = src / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    assert_bad_input(["eval", str(src), *QUICK], capsys, tmp_path, "corrupt or truncated", "model.safetensors")
+
+
+def test_unsupported_architecture(tmp_path, capsys):
+    src = model_copy(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="bert", architectures=["BertForMaskedLM"])
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert_bad_input(["eval", str(src), *QUICK], capsys, tmp_path, "unsupported architecture 'bert'", "supports")
+
+
+def test_tokenizer_mismatch(tmp_path, capsys):
+    src = model_copy(tmp_path)
+    tok = AutoTokenizer.from_pretrained(src)
+    tok.add_tokens(["<only-here>"])
+    tok.save_pretrained(src)
+    assert_bad_input(["eval", "tiny", "--baseline", str(src), *QUICK], capsys, tmp_path,
+                     "tokenizer of the baseline", "same tokenizer")
+
+
+def test_empty_text(tmp_path, capsys):
+    text = tmp_path / "empty.txt"
+    text.write_text("  \n")
+    assert_bad_input(["eval", "tiny", "--text", str(text), *QUICK], capsys, tmp_path, "is empty")
+
+
+def test_too_short_text(tmp_path, capsys):
+    text = tmp_path / "short.txt"
+    text.write_text("In the beginning God created the heaven and the earth.")
+    assert_bad_input(["eval", "tiny", "--text", str(text), *QUICK], capsys, tmp_path,
+                     "fewer than one window of 512", "--ctx")
+
+
+def test_missing_text(tmp_path, capsys):
+    assert_bad_input(["eval", "tiny", "--text", str(tmp_path / "nope.txt"), *QUICK], capsys, tmp_path,
+                     "does not exist")
+
+
+@pytest.mark.parametrize("option,needle", [
+    (["--ctx", "0"], "--ctx must be at least 2"),
+    (["--tokens", "100"], "smaller than one window"),
+    (["--repeats", "0"], "repeats must be at least 1"),
+    (["--batch-sizes", "1,x"], "comma-separated list"),
+    (["--batch-sizes", "0"], "batch sizes must be positive"),
+    (["--dtype", "int3"], "unknown dtype 'int3'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--watts-per-core", "-1"], "watts_per_core must be positive"),
+])
+def test_bad_option_values(tmp_path, capsys, option, needle):
+    assert_bad_input(["eval", "tiny", "--no-speed", *option], capsys, tmp_path, needle)
+
+
+def test_tasks_on_a_model_without_chat_template(tmp_path, capsys):
+    src = model_copy(tmp_path)
+    (src / "chat_template.jinja").unlink()
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tasks = ASSETS / "data" / "arith_test.jsonl"
+    assert_bad_input(["eval", str(src), "--tasks", str(tasks), *QUICK], capsys, tmp_path, "chat template")
+
+
+def test_bad_task_file(tmp_path, capsys):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"question": "What is 1+1?"}\n')
+    assert_bad_input(["eval", "reasoner", "--tasks", str(tasks), *QUICK], capsys, tmp_path, "line 1", "answer")
+
+
+def test_report_rejects_non_report_json(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert_bad_input(["report", str(bad), "-o", str(tmp_path / "rep")], capsys, tmp_path,
+                     "bad.json", "pocketlm eval --json")
+
+
+def test_demo_refuses_existing_output(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    assert_bad_input(["demo", "-o", str(out)], capsys, tmp_path, "already exists", "--overwrite")
+    assert list(out.iterdir()) == []
+
+
+def test_usage_error_is_exit_2(capsys):
+    code, _, err = run(["eval", "tiny", "--tokens", "many"], capsys)
+    assert code == 2 and "--tokens" in err
+
+
+def test_console_script_one_line_and_debug_traceback(tmp_path):
+    cmd = [sys.executable, "-m", "pocketlm.cli", "eval", str(tmp_path / "missing")]
+    plain = subprocess.run(cmd, capture_output=True, text=True)
+    assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
+    debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
