@@ -13,13 +13,16 @@ VARIANTS = ("float32", "bfloat16", "float16")
 
 
 def run_demo(output: str | Path, *, tokens: int = 65536, overwrite: bool = False,
-             console: Console | None = None) -> Path:
+             protocol: EvalProtocol | None = None, console: Console | None = None) -> Path:
     """Evaluate `tiny` in each dtype against the fp32 model; write results/*.json and the report.
 
+    Args:
+        output: directory to create (atomically); `overwrite` replaces an existing one.
+        tokens: evaluation tokens when no `protocol` is given (default protocol otherwise).
     Later compression issues add their variants here. Returns the output directory.
     """
     console = console or Console()
-    protocol = EvalProtocol(tokens=tokens)
+    protocol = protocol or EvalProtocol(tokens=tokens)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         base = load("tiny", dtype="float32")
         reports = []

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..config import BaseConfig, check
+from ..config import BaseConfig, check, register_config
 from ..errors import DataError
 from ..io import atomic_write_text, file_hash, load, read_config, resolve
 from . import data
@@ -20,6 +20,7 @@ from .efficiency import measure_efficiency
 from .quality import score_windows, task_accuracy, word_tables
 
 
+@register_config
 @dataclasses.dataclass(frozen=True)
 class EvalProtocol(BaseConfig):
     """How every number in an EvalReport is measured (defaults from DESIGN.md).

@@ -1,0 +1,70 @@
+"""Perplexity from `pocketlm eval` vs plain transformers under the same protocol (README: ppl parity).
+
+Plain transformers: each non-overlapping 512-token window of the first N tokens scored from its own
+start with `model(input_ids, labels=input_ids).loss`, fp32, exp of the mean. pocketlm: its protocol.
+
+    python benchmarks/ppl_parity.py [--model ../shared/reference/models/small] [--text .../test.txt]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import pocketlm
+from common import SHARED, write_result
+
+
+def plain_transformers_ppl(model_dir: str, text: str, n_tokens: int, ctx: int) -> float:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    windows = torch.tensor(ids[: len(ids) // ctx * ctx]).view(-1, ctx)
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in windows]
+    return math.exp(sum(losses) / len(losses))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(SHARED / "models" / "small"))
+    ap.add_argument("--text", default=str(SHARED / "corpus" / "test.txt"))
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    t0 = time.perf_counter()
+    model, tok = pocketlm.load(args.model)
+    protocol = pocketlm.EvalProtocol(text=args.text, tokens=args.tokens, ctx=args.ctx, speed=False)
+    report = pocketlm.evaluate(model, tok, protocol)
+    t_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with open(args.text, encoding="utf-8") as f:
+        ref = plain_transformers_ppl(args.model, f.read(), args.tokens, args.ctx)
+    t_ref = time.perf_counter() - t0
+    ours = report.quality["ppl"]
+    ratio = ours / ref
+
+    table = Table(title=f"perplexity parity on {args.model}")
+    for col in ("pocketlm ppl", "transformers ppl", "ratio", "|Δ| %", "tokens scored", "target"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{ours:.4f}", f"{ref:.4f}", f"{ratio:.6f}", f"{abs(ratio - 1) * 100:.4f}",
+                  str(report.quality["tokens_scored"]), "|Δ| ≤ 1%")
+    Console().print(table)
+    path = write_result(f"ppl_parity_{args.model.rstrip('/').split('/')[-1]}", {
+        "model": args.model, "text": args.text, "tokens": args.tokens, "ctx": args.ctx,
+        "pocketlm_ppl": ours, "transformers_ppl": ref, "ratio": ratio, "within_1pct": abs(ratio - 1) <= 0.01,
+        "tokens_scored": report.quality["tokens_scored"], "cloze": report.quality["cloze"],
+        "wall_s": {"pocketlm": t_ours, "transformers": t_ref}})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
