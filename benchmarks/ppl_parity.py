@@ -1,22 +1,27 @@
 """Perplexity from `pocketlm eval` vs plain transformers under the same protocol (README: ppl parity).
 
-Plain transformers: each non-overlapping 512-token window of the first N tokens scored from its own
-start with `model(input_ids, labels=input_ids).loss`, fp32, exp of the mean. pocketlm: its protocol.
+Runs the command a user runs, `pocketlm eval MODEL --text TEXT --json OUT` (full protocol, speed
+included), then plain transformers: each non-overlapping 512-token window of the first N tokens
+scored from its own start with `model(input_ids, labels=input_ids).loss`, fp32, exp of the mean.
 
     python benchmarks/ppl_parity.py [--model ../shared/reference/models/small] [--text .../test.txt]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import pocketlm
 from common import SHARED, write_result
 
 
@@ -40,29 +45,31 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    t0 = time.perf_counter()
-    model, tok = pocketlm.load(args.model)
-    protocol = pocketlm.EvalProtocol(text=args.text, tokens=args.tokens, ctx=args.ctx, speed=False)
-    report = pocketlm.evaluate(model, tok, protocol)
-    t_ours = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pocketlm.cli", "eval", args.model, "--text", args.text, "--tokens",
+               str(args.tokens), "--ctx", str(args.ctx), "--threads", str(args.threads), "--json", f"{tmp}/r.json"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        t_ours = time.perf_counter() - t0
+        report = json.loads(Path(f"{tmp}/r.json").read_text())
     t0 = time.perf_counter()
     with open(args.text, encoding="utf-8") as f:
         ref = plain_transformers_ppl(args.model, f.read(), args.tokens, args.ctx)
     t_ref = time.perf_counter() - t0
-    ours = report.quality["ppl"]
+    ours = report["quality"]["ppl"]
     ratio = ours / ref
 
     table = Table(title=f"perplexity parity on {args.model}")
     for col in ("pocketlm ppl", "transformers ppl", "ratio", "|Δ| %", "tokens scored", "target"):
         table.add_column(col, justify="right")
     table.add_row(f"{ours:.4f}", f"{ref:.4f}", f"{ratio:.6f}", f"{abs(ratio - 1) * 100:.4f}",
-                  str(report.quality["tokens_scored"]), "|Δ| ≤ 1%")
+                  str(report["quality"]["tokens_scored"]), "|Δ| ≤ 1%")
     Console().print(table)
     path = write_result(f"ppl_parity_{args.model.rstrip('/').split('/')[-1]}", {
         "model": args.model, "text": args.text, "tokens": args.tokens, "ctx": args.ctx,
         "pocketlm_ppl": ours, "transformers_ppl": ref, "ratio": ratio, "within_1pct": abs(ratio - 1) <= 0.01,
-        "tokens_scored": report.quality["tokens_scored"], "cloze": report.quality["cloze"],
-        "wall_s": {"pocketlm": t_ours, "transformers": t_ref}})
+        "tokens_scored": report["quality"]["tokens_scored"], "command": " ".join(cmd[2:]),
+        "wall_s": {"pocketlm_eval_with_speed": t_ours, "transformers_ppl_only": t_ref}, "report": report})
     print(f"wrote {path}")
 
 

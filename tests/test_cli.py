@@ -160,3 +160,11 @@ def test_console_script_one_line_and_debug_traceback(tmp_path):
     assert plain.returncode == 2 and plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr
     debug = subprocess.run([*cmd, "--debug"], capture_output=True, text=True)
     assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_truncated_baseline_fails_before_any_work(tmp_path, capsys):
+    src = model_copy(tmp_path)
+    w = src / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    assert_bad_input(["eval", "tiny", "--baseline", str(src), "--tokens", "1024"], capsys, tmp_path,
+                     "corrupt or truncated")

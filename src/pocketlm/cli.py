@@ -31,6 +31,7 @@ def _batch_sizes(value: str) -> tuple[int, ...]:
 def eval_cmd(
     model: str = typer.Argument(..., help="Model directory, embedded name (tiny, reasoner, moe) or cached hub id."),
     baseline: Optional[str] = typer.Option(None, help="Reference model for KL and top-1 agreement."),
+    baseline_dtype: str = typer.Option("float32", help="dtype of the baseline (float32: the exact reference)."),
     text: Optional[Path] = typer.Option(None, help="Evaluation text (default: embedded held-out test split)."),
     tokens: int = typer.Option(65536, help="Tokens of the text to score."),
     ctx: int = typer.Option(512, help="Window length in tokens."),
@@ -57,7 +58,7 @@ def eval_cmd(
                             speed=not no_speed, decode_batch_sizes=_batch_sizes(batch_sizes), repeats=repeats,
                             threads=threads, watts_per_core=watts_per_core)
     m, tok = load(model, dtype=dtype, device=device)
-    report = evaluate(m, tok, protocol, baseline=baseline, label=label)
+    report = evaluate(m, tok, protocol, baseline=baseline, baseline_dtype=baseline_dtype, label=label)
     out.print(render_table([report.to_dict()]))
     if json_out:
         report.save(json_out)

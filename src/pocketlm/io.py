@@ -90,6 +90,8 @@ def weight_files(path: Path) -> list[Path]:
     """The weight files of a model directory, sorted; raises if there are none."""
     files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
                    and not p.name.startswith("training_args"))
+    safetensors = [p for p in files if p.suffix == ".safetensors"]
+    files = safetensors or files  # transformers reads safetensors first when both are present
     if not files:
         raise CorruptModelError(f"'{path}' has no weight files (*.safetensors)",
                                 "copy the model's weights into the directory")

@@ -96,3 +96,10 @@ def test_task_accuracy_on_reasoner_easy_items():
     assert fast["task_accuracy"] >= 0.75  # fast mode is right on nearly all easy items (reference README)
     assert 1 < fast["task_mean_tokens"] < 16
     assert all(r["correct"] == (r["predicted"] == r["answer"]) for r in fast["rows"])
+
+
+def test_named_baseline_is_loaded_in_fp32():
+    model, tok = pocketlm.load("tiny", dtype="bfloat16")
+    report = pocketlm.evaluate(model, tok, FAST, baseline="tiny", show_progress=False)
+    assert report.baseline["dtype"] == "float32" and report.model["dtype"] == "bfloat16"
+    assert 0 < report.quality["kl"] < 0.01 and report.quality["top1"] > 0.95

@@ -14,7 +14,7 @@ import torch
 from .. import __version__
 from ..config import BaseConfig, check, register_config
 from ..errors import DataError
-from ..io import atomic_write_text, file_hash, load, read_config, resolve
+from ..io import atomic_write_text, check_weights, file_hash, load, read_config, resolve
 from . import data
 from .efficiency import measure_efficiency
 from .quality import score_windows, task_accuracy, word_tables
@@ -144,16 +144,17 @@ def _check_same_tokenizer(tok, base_tok, base_name: str) -> None:
                         "KL and top-1 need the same tokenizer: pass a baseline with the model's tokenizer")
 
 
-def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=None, label: str | None = None,
-             show_progress: bool = True) -> EvalReport:
+def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=None,
+             baseline_dtype: str = "float32", label: str | None = None, show_progress: bool = True) -> EvalReport:
     """Measure a model under one protocol.
 
     Args:
         model, tok: a causal LM (eval mode) and its tokenizer, e.g. from `pocketlm.load`.
         protocol: the EvalProtocol (defaults as documented there).
-        baseline: None; a (model, tokenizer) pair; or a name/path loaded after the speed runs (so the
-            peak memory is the model's own) in the model's dtype and device.
-        label: display name in tables and plots (default: model name and dtype).
+        baseline: None; a (model, tokenizer) pair; or a name/path, loaded after the speed runs (so the
+            peak memory is the model's own) on the model's device in `baseline_dtype`.
+        baseline_dtype: dtype of a baseline given by name (default float32, the exact reference).
+        label: display name in tables and plots (default: model directory name and dtype).
     """
     t_start = time.perf_counter()
     if protocol.threads:
@@ -175,6 +176,7 @@ def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=No
             from transformers import AutoTokenizer
             src = resolve(baseline)
             read_config(src.path)
+            check_weights(src.path)
             base_name, base_tok = str(baseline), AutoTokenizer.from_pretrained(src.path)
         _check_same_tokenizer(tok, base_tok, base_name)
 
@@ -182,7 +184,7 @@ def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=No
     efficiency, energy = measure_efficiency(model, windows, protocol, source_path=source.path if source else None,
                                             show_progress=show_progress)
     if baseline is not None and base_model is None:
-        base_model, _ = load(baseline, dtype=model.dtype, device=str(dev))
+        base_model, _ = load(baseline, dtype=baseline_dtype, device=str(dev))
     quality = score_windows(model, windows, baseline=base_model, batch_size=protocol.batch_size,
                             cloze_table=word_tables(tok, model.config.vocab_size),
                             cloze_min_context=protocol.cloze_min_context, show_progress=show_progress)
@@ -199,7 +201,7 @@ def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=No
                 threads=torch.get_num_threads(),
                 tasks_hash=file_hash(protocol.tasks) if protocol.tasks else None)
     return EvalReport(
-        label=label or f"{desc['name']}-{desc['dtype']}", model=desc,
+        label=label or f"{Path(desc['name']).name}-{desc['dtype']}", model=desc,
         baseline=describe(base_model) if base_model is not None else None,
         protocol=prot, quality=quality, efficiency=efficiency, energy=energy,
         machine=machine_info(dev), wall_s=time.perf_counter() - t_start, task_rows=rows)

@@ -79,8 +79,10 @@ def _energy_cell(report: dict) -> str:
 def _table(reports: Sequence[dict], scores: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and string cells shared by the markdown, HTML and rich tables."""
     with_task = any(_get(r, "quality", "task_accuracy") is not None for r in reports)
+    with_score = len(reports) > 1  # the score normalizes within a set: alone it says nothing
     headers = ["model", "ppl", "KL", "top-1", "cloze", *(["task acc"] if with_task else []), "weights MB",
-               "peak RSS MB", "prefill ms", "tok/s b1", "tok/s b8", "J/token", "score"]
+               "peak RSS MB", "prefill ms", "tok/s b1", "tok/s b8", "J/token",
+               *(["score"] if with_score else [])]
     rows = []
     for r, row in zip(reports, scores["rows"]):
         q, e = r["quality"], r["efficiency"]
@@ -89,7 +91,7 @@ def _table(reports: Sequence[dict], scores: dict) -> tuple[list[str], list[list[
                      _f(q.get("cloze"), ".3f"), *task, _f(e.get("weights_mb"), ".1f"),
                      _f(e.get("peak_rss_mb"), ".0f"), _f(e.get("prefill_ms"), ".1f"),
                      _f(e.get("decode_tok_s"), ".1f"), _f(_batch_speed(r, 8), ".1f"),
-                     _energy_cell(r), _f(row["score"], ".3f")])
+                     _energy_cell(r), *([_f(row["score"], ".3f")] if with_score else [])])
     return headers, rows
 
 
