@@ -165,13 +165,12 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
         `model.pocketlm_record` the artifact's pocketlm.json (empty for a plain HF model).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     source = resolve(name_or_path)
     read_config(source.path)
     check_weights(source.path)
     torch_dtype, device = pick_dtype(dtype), pick_device(device)
-    hf_logging.disable_progress_bar()
+    _quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
         tok = AutoTokenizer.from_pretrained(source.path)
@@ -184,6 +183,12 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     model.pocketlm_source = source
     model.pocketlm_record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     return model, tok
+
+
+def _quiet_transformers() -> None:
+    # pocketlm draws its own progress bars; transformers' per-load/save bars would interleave with them.
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
 
 
 @contextlib.contextmanager
@@ -257,6 +262,7 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         "calibration_hash": calibration_hash or prior.get("calibration_hash"),
         "evaluation": evaluation,
     }
+    _quiet_transformers()
     with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

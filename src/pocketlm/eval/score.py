@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..errors import ConfigError, DataError
+from ..config import BaseConfig, check, register_config
+from ..errors import DataError
 
 QUALITY_DEFS = {
     "task_accuracy": "quality = task accuracy (exact match on the task file)",
@@ -45,8 +46,9 @@ def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) ->
             if not any(dominates(q, p) for j, q in enumerate(signed) if j != i)]
 
 
+@register_config
 @dataclass(frozen=True)
-class ScoreWeights:
+class ScoreWeights(BaseConfig):
     """Weights of the single-number score.
 
     score = quality − w_time·t_norm − w_energy·e_norm, where quality is in (0, 1] (task accuracy if
@@ -58,15 +60,16 @@ class ScoreWeights:
         w_energy: weight of the energy term (default 0.2).
     """
 
+    kind = "score_weights"
+
     w_time: float = 0.2
     w_energy: float = 0.2
 
-    def __post_init__(self):
+    def validate(self) -> None:
         for name in ("w_time", "w_energy"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ConfigError(f"score weight {name}={value!r} is not a non-negative number",
-                                  "use a weight >= 0 (0 ignores the term)")
+            check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
+                  f"score weight {name}={value!r} is not a non-negative number", "use a weight >= 0 (0 ignores the term)")
 
 
 def _get(report: dict, section: str, key: str) -> Any:
