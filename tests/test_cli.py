@@ -168,3 +168,9 @@ def test_truncated_baseline_fails_before_any_work(tmp_path, capsys):
     w.write_bytes(w.read_bytes()[:1000])
     assert_bad_input(["eval", "tiny", "--baseline", str(src), "--tokens", "1024"], capsys, tmp_path,
                      "corrupt or truncated")
+
+
+def test_corrupt_tokenizer(tmp_path, capsys):
+    src = model_copy(tmp_path)
+    (src / "tokenizer.json").write_text("{garbage")
+    assert_bad_input(["eval", str(src), *QUICK], capsys, tmp_path, "cannot load", "tokenizer")

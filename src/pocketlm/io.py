@@ -164,25 +164,38 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
         (model, tokenizer), the model in eval mode. `model.pocketlm_source` is the ModelSource and
         `model.pocketlm_record` the artifact's pocketlm.json (empty for a plain HF model).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve(name_or_path)
     read_config(source.path)
     check_weights(source.path)
     torch_dtype, device = pick_dtype(dtype), pick_device(device)
     _quiet_transformers()
-    try:
+    with _load_errors(source.path):
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
-        tok = AutoTokenizer.from_pretrained(source.path)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CorruptModelError(f"cannot load '{source.path}': {first}",
-                                "check that config.json, the weights and the tokenizer files belong together") from None
+    tok = load_tokenizer(source.path)
     model.to(device).eval()
     record_file = source.path / RECORD_FILE
     model.pocketlm_source = source
     model.pocketlm_record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     return model, tok
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer of a model directory, with unreadable files reported as CorruptModelError."""
+    from transformers import AutoTokenizer
+    with _load_errors(path):
+        return AutoTokenizer.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def _load_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptModelError(f"cannot load '{path}': {first}",
+                                "check that config.json, the weights and the tokenizer files belong together") from None
 
 
 def _quiet_transformers() -> None:

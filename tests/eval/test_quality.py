@@ -103,3 +103,13 @@ def test_named_baseline_is_loaded_in_fp32():
     report = pocketlm.evaluate(model, tok, FAST, baseline="tiny", show_progress=False)
     assert report.baseline["dtype"] == "float32" and report.model["dtype"] == "bfloat16"
     assert 0 < report.quality["kl"] < 0.01 and report.quality["top1"] > 0.95
+
+
+def test_evaluate_with_tasks_reports_accuracy_and_rows():
+    model, tok = pocketlm.load("reasoner")
+    report = pocketlm.evaluate(model, tok, FAST.replace(tasks=str(data.DEFAULT_TASKS), task_limit=6,
+                                                        task_max_new_tokens=24), show_progress=False)
+    q = report.quality
+    assert q["task_items"] == 6 == len(report.task_rows)
+    assert q["task_accuracy"] == sum(r["correct"] for r in report.task_rows) / 6
+    assert report.protocol["tasks_hash"].startswith("sha256:")

@@ -14,7 +14,8 @@ import torch
 from .. import __version__
 from ..config import BaseConfig, check, register_config
 from ..errors import DataError
-from ..io import atomic_write_text, check_weights, file_hash, load, read_config, resolve
+from ..io import (atomic_write_text, check_weights, file_hash, load, load_tokenizer, pick_dtype, read_config,
+                  resolve)
 from . import data
 from .efficiency import measure_efficiency
 from .quality import score_windows, task_accuracy, word_tables
@@ -173,11 +174,11 @@ def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=No
             base_model, base_tok = baseline
             base_name = describe(base_model)["name"]
         else:
-            from transformers import AutoTokenizer
+            pick_dtype(baseline_dtype)
             src = resolve(baseline)
             read_config(src.path)
             check_weights(src.path)
-            base_name, base_tok = str(baseline), AutoTokenizer.from_pretrained(src.path)
+            base_name, base_tok = str(baseline), load_tokenizer(src.path)
         _check_same_tokenizer(tok, base_tok, base_name)
 
     source = getattr(model, "pocketlm_source", None)
