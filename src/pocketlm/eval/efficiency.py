@@ -39,7 +39,7 @@ def reset_peak_rss() -> str:
         VMHWM_RESET.write_text("5")
         return "VmHWM, reset before the speed runs"
     except OSError:
-        return "ru_maxrss over the process lifetime (VmHWM reset not permitted)"
+        return "VmHWM over the process lifetime (reset not permitted)"
 
 
 def peak_rss_mb() -> float:
