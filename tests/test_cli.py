@@ -174,3 +174,41 @@ def test_corrupt_tokenizer(tmp_path, capsys):
     src = model_copy(tmp_path)
     (src / "tokenizer.json").write_text("{garbage")
     assert_bad_input(["eval", str(src), *QUICK], capsys, tmp_path, "cannot load", "tokenizer")
+
+
+def test_compress_writes_an_artifact_with_its_recipe(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    code, stdout, _ = run(["compress", "tiny", "-o", str(out), "--prune", "wanda", "--sparsity", "0.5",
+                           "--calib-samples", "4", "--calib-len", "128"], capsys)
+    assert code == 0 and "prune_wanda" in stdout
+    record = json.loads((out / "pocketlm.json").read_text())
+    assert record["recipe"][0]["kind"] == "prune_wanda" and record["recipe"][0]["stats"]["sparsity"] == 0.5
+    assert record["calibration_hash"].startswith("sha256:")
+
+
+@pytest.mark.parametrize("options,needle", [
+    (["--prune", "magnitude", "--sparsity", "1.0"], "sparsity 1.0 is outside [0, 1)"),
+    (["--prune", "wanda", "--nm", "2:3"], "divisible by 3"),
+    (["--prune", "wanda", "--nm", "2-4"], "N:M"),
+    (["--prune", "layers", "--drop", "4"], "remove all 4 layers"),
+    (["--prune", "width", "--target-params", "20M"], "not below the model"),
+    (["--prune", "width"], "needs --target-params"),
+    (["--prune", "heads", "--ratio", "1.5"], "outside (0, 1)"),
+    (["--prune", "blocks"], "unknown --prune method"),
+])
+def test_compress_bad_input(tmp_path, capsys, options, needle):
+    assert_bad_input(["compress", "tiny", "-o", str(tmp_path / "out"), "--calib-samples", "4", "--calib-len", "64",
+                      *options], capsys, tmp_path, needle)
+
+
+def test_compress_empty_calibration_text(tmp_path, capsys):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n")
+    assert_bad_input(["compress", "tiny", "-o", str(tmp_path / "out"), "--prune", "wanda", "--calib", str(calib)],
+                     capsys, tmp_path, "calibration text", "is empty")
+
+
+def test_compress_refuses_to_write_into_its_input(tmp_path, capsys):
+    src = model_copy(tmp_path)
+    assert_bad_input(["compress", str(src), "-o", str(src / "pruned"), "--prune", "magnitude", "--overwrite"],
+                     capsys, tmp_path, "input model")

@@ -65,6 +65,96 @@ def eval_cmd(
         out.print(f"wrote {json_out}")
 
 
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "heads", "mlp", "layers", "width")
+
+
+def _nm(value: Optional[str]) -> Optional[tuple[int, int]]:
+    if value is None:
+        return None
+    try:
+        n, m = (int(v) for v in value.split(":"))
+    except ValueError:
+        raise ConfigError(f"--nm '{value}' is not of the form N:M", "use e.g. --nm 2:4") from None
+    return n, m
+
+
+def _count(value: Optional[str]) -> Optional[int]:
+    """'8M' -> 8_000_000; also K and B suffixes or a plain integer."""
+    if value is None:
+        return None
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(value[-1:].upper(), 1)
+    try:
+        return int(float(value[:-1] if scale > 1 else value) * scale)
+    except ValueError:
+        raise ConfigError(f"--target-params '{value}' is not a parameter count", "use e.g. 8M or 8000000") from None
+
+
+def _prune_config(prune: str, *, sparsity, nm, scope, ratio, unit, importance, drop, metric, target_params):
+    from . import compress as c
+    if prune not in PRUNE_METHODS:
+        raise ConfigError(f"unknown --prune method '{prune}'", f"use one of {', '.join(PRUNE_METHODS)}")
+    if prune in ("magnitude", "wanda", "sparsegpt"):
+        cls = {"magnitude": c.MagnitudeConfig, "wanda": c.WandaConfig, "sparsegpt": c.SparseGPTConfig}[prune]
+        return cls(sparsity=sparsity, nm=_nm(nm), scope=scope)
+    if prune == "heads":
+        return c.HeadPruneConfig(ratio=ratio if ratio is not None else 0.25, unit=unit, scope=scope, importance=importance)
+    if prune == "mlp":
+        return c.MlpPruneConfig(ratio=ratio if ratio is not None else 0.5, scope=scope, importance=importance)
+    if prune == "layers":
+        return c.LayerDropConfig(drop=drop, metric=metric)
+    if target_params is None:
+        raise ConfigError("--prune width needs --target-params", "add e.g. --target-params 8M")
+    return c.WidthPruneConfig(target_params=_count(target_params))
+
+
+@app.command("compress")
+def compress_cmd(
+    model: str = typer.Argument(..., help="Model directory, embedded name or cached hub id."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    prune: str = typer.Option(..., help="magnitude, wanda, sparsegpt, heads, mlp, layers or width."),
+    sparsity: float = typer.Option(0.5, help="Unstructured: fraction of weights set to zero."),
+    nm: Optional[str] = typer.Option(None, help="N:M pattern, e.g. 2:4 (keep 2 of every 4)."),
+    scope: str = typer.Option("layer", help="layer (same share per layer) or global (ranked across layers)."),
+    ratio: Optional[float] = typer.Option(None, help="heads/mlp: fraction removed (default 0.25 / 0.5)."),
+    unit: str = typer.Option("query", help="heads: query (per KV group) or kv_group."),
+    importance: str = typer.Option("activation", help="heads/mlp: activation or taylor."),
+    drop: int = typer.Option(1, help="layers: how many decoder layers to remove."),
+    metric: str = typer.Option("block_influence", help="layers: block_influence or last."),
+    target_params: Optional[str] = typer.Option(None, help="width: parameter budget, e.g. 8M."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text (default: embedded train-split slice)."),
+    calib_samples: int = typer.Option(128, help="Calibration sequences."),
+    calib_len: int = typer.Option(512, help="Tokens per calibration sequence."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+):
+    """Compress a model (pruning for now) and save the artifact with its recipe."""
+    from .compress import compress_
+    from .config import check
+    from .io import check_output, load, save
+
+    cfg = _prune_config(prune, sparsity=sparsity, nm=nm, scope=scope, ratio=ratio, unit=unit, importance=importance,
+                        drop=drop, metric=metric, target_params=target_params)
+    check(calib_samples >= 1 and calib_len >= 2, "--calib-samples must be ≥ 1 and --calib-len ≥ 2",
+          "use e.g. --calib-samples 128 --calib-len 512")
+    m, tok = load(model)
+    check_output(output, overwrite, protect=(m.pocketlm_source.path,))  # fail before the long work
+    applied = compress_(m, cfg, tok=tok, calib=calib, calib_samples=calib_samples, calib_len=calib_len)
+    save(m, tok, output, overwrite=overwrite)
+    out.print(_compress_table(applied))
+    out.print(f"wrote {output}")
+
+
+def _compress_table(applied: list[dict]):
+    from rich.table import Table
+    table = Table(title="pocketlm compress")
+    table.add_column("pass")
+    table.add_column("result", overflow="fold")
+    for a in applied:
+        stats = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                          for k, v in a["stats"].items() if k != "block_influence")
+        table.add_row(a["kind"], stats)
+    return table
+
+
 @app.command("report")
 def report_cmd(
     results: list[Path] = typer.Argument(..., help="EvalReport JSON files from `pocketlm eval --json`."),

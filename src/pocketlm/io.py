@@ -171,14 +171,42 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     check_weights(source.path)
     torch_dtype, device = pick_dtype(dtype), pick_device(device)
     _quiet_transformers()
+    record_file = source.path / RECORD_FILE
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     with _load_errors(source.path):
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
+        if record.get("layer_shapes"):
+            model = _load_per_layer_shapes(source.path, record["layer_shapes"], torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
     tok = load_tokenizer(source.path)
     model.to(device).eval()
-    record_file = source.path / RECORD_FILE
     model.pocketlm_source = source
-    model.pocketlm_record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    model.pocketlm_record = record
     return model, tok
+
+
+def _load_per_layer_shapes(path: Path, shapes: list[dict], dtype: torch.dtype):
+    """Rebuild a model whose layers differ in size (structured pruning with global ranking), which a
+    single HF config cannot describe: build from config.json (the largest sizes), shrink each layer
+    to its recorded shape, then load the weights strictly."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .compress.prune.structured import apply_layer_shapes
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    apply_layer_shapes(model, shapes)
+    state = {}
+    for f in weight_files(path):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise CorruptModelError(f"weights in '{path}' do not match the recorded layer shapes "
+                                f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})",
+                                "re-create the artifact with `pocketlm compress`")
+    model.tie_weights()
+    return model
 
 
 def load_tokenizer(path: Path):
@@ -204,12 +232,9 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-@contextlib.contextmanager
-def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; move it into place only if the block succeeds.
-
-    Refuses an existing `out` unless `overwrite`, and any `out` that is or contains a protected input.
-    """
+def check_output(out: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Path:
+    """The resolved output path, after refusing an existing one (unless `overwrite`) and any that is,
+    contains or lies inside a protected input. Writes nothing, so callers can check before long work."""
     out = Path(out).expanduser().resolve()
     for p in protect:
         p = Path(p).resolve()
@@ -218,6 +243,16 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple[P
                                     "choose an output directory outside the input model")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output '{out}' already exists", "pass --overwrite or choose another path")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; move it into place only if the block succeeds.
+
+    Refuses an existing `out` unless `overwrite`, and any `out` that is or contains a protected input.
+    """
+    out = check_output(out, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -273,6 +308,7 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
             {"name": source.name, "path": str(source.path), "hash": content_hash(source.path)} if source else None),
         "recipe": [*prior.get("recipe", []), *(recipe or [])],
         "calibration_hash": calibration_hash or prior.get("calibration_hash"),
+        "layer_shapes": prior.get("layer_shapes"),  # set by structured pruning when layers differ
         "evaluation": evaluation,
     }
     _quiet_transformers()

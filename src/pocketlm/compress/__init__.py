@@ -1,0 +1,8 @@
+"""Compression passes: configs with registered handlers, applied in order by `compress_`."""
+from .api import PassConfig, compress_, register_pass
+from .prune.configs import (HeadPruneConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig, SparseGPTConfig,
+                            WandaConfig, WidthPruneConfig)
+from .prune import sparsify, structured  # noqa: F401  (registers the pruning handlers)
+
+__all__ = ["PassConfig", "compress_", "register_pass", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig",
+           "HeadPruneConfig", "MlpPruneConfig", "LayerDropConfig", "WidthPruneConfig"]

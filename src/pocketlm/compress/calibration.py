@@ -1,0 +1,116 @@
+"""Calibration data and the layer-by-layer walk that passes share.
+
+The walk holds the model plus one decoder layer's inputs for the calibration set, never every
+layer's activations: the inputs of layer l+1 are the outputs of layer l (after it was compressed,
+so later layers see the errors of earlier ones, as GPTQ and SparseGPT prescribe).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import DataError, UnsupportedModelError
+from ..io import ASSETS, file_hash
+
+DEFAULT_CALIB = ASSETS / "data" / "calib.txt"  # a slice of the reference corpus' train split
+
+
+class _Stop(Exception):
+    """Raised by the hook on the first layer once its inputs are captured."""
+
+
+def calibration_tokens(tok, source: str | Path | torch.Tensor | None = None, *, samples: int = 128,
+                       seq_len: int = 512, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """`samples` sequences of `seq_len` tokens from random offsets of a text, and the data's hash.
+
+    Args:
+        source: a text file (default: the embedded calibration text), or a (N, L) tensor of token ids.
+    """
+    if isinstance(source, torch.Tensor):
+        if source.ndim != 2 or source.numel() == 0:
+            raise DataError("calibration tokens must be a non-empty (samples, length) tensor",
+                            "pass token ids of shape (N, L) or a text file")
+        return source.long(), "tensor:" + str(tuple(source.shape))
+    path = Path(source).expanduser() if source else DEFAULT_CALIB
+    if not path.is_file():
+        raise DataError(f"calibration text '{path}' does not exist", "pass an existing text file with --calib")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise DataError(f"calibration text '{path}' is empty", "pass a file with text from the model's domain")
+    ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < seq_len + 1:
+        raise DataError(f"calibration text '{path}' has {ids.numel()} tokens, fewer than one sequence of {seq_len}",
+                        "pass a longer text or a smaller --calib-len")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (samples,), generator=g)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()]), file_hash(path)
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    """The model's stack of decoder layers (`model.model.layers` in the supported families)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise UnsupportedModelError(f"{type(model).__name__} has no model.layers stack",
+                                    "use a Llama/Qwen/Mistral/Mixtral-family causal LM")
+    return layers
+
+
+def linear_layers(module: nn.Module) -> dict[str, nn.Linear]:
+    """The nn.Linear modules inside a decoder layer, by their name relative to it (router gates excluded)."""
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, nn.Linear) and not name.endswith("mlp.gate")}
+
+
+@torch.no_grad()
+def first_layer_inputs(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], dict]:
+    """Run the model up to its first decoder layer for every batch.
+
+    Returns the hidden states per batch (each (B, L, hidden), on the model's device) and the keyword
+    arguments the layer was called with (rotary embeddings, masks), shared by all batches of one shape.
+    """
+    layers = decoder_layers(model)
+    dev = next(model.parameters()).device
+    hiddens: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def catch(_module, args, kw):
+        hiddens.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in tokens.split(batch_size):
+            if len(batch) != batch_size and hiddens:
+                break  # keep one shape so the captured kwargs fit every batch
+            try:
+                model(input_ids=batch.to(dev), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    return hiddens, kwargs
+
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, hiddens: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    """The layer's outputs for every held batch."""
+    outs = []
+    for h in hiddens:
+        out = layer(h, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+def walk_layers(model, tokens: torch.Tensor, batch_size: int = 8) -> Iterator[tuple[int, nn.Module, list, dict]]:
+    """Yield (index, layer, inputs, kwargs) layer by layer; after the caller's work on a layer the
+    walk recomputes that layer's outputs as the next layer's inputs."""
+    hiddens, kwargs = first_layer_inputs(model, tokens, batch_size)
+    for i, layer in enumerate(decoder_layers(model)):
+        yield i, layer, hiddens, kwargs
+        hiddens = run_layer(layer, hiddens, kwargs)

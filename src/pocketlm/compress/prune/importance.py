@@ -1,0 +1,146 @@
+"""Importance of heads, MLP channels, hidden channels and whole layers, from calibration data.
+
+Activation importance (Minitron): the L2 norm, over all calibration tokens, of each head's attention
+output, each MLP channel's activation, and each hidden channel of the normalized residual stream.
+Taylor importance: |Σ w·∂L/∂w| over the weights of a structure (first-order loss change on removal).
+Block Influence (ShortGPT): 1 − mean cos(layer input, layer output) per token.
+Hooks hold one batch's activations at a time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from ...progress import progress_bar
+from ..calibration import decoder_layers
+
+
+def _attn(layer):
+    return layer.self_attn
+
+
+def head_dim(attn) -> int:
+    return attn.head_dim
+
+
+def n_heads(attn) -> tuple[int, int]:
+    """(query heads, kv heads) of an attention module, read from its projection shapes."""
+    hd = head_dim(attn)
+    return attn.q_proj.out_features // hd, attn.k_proj.out_features // hd
+
+
+def _batches(tokens: torch.Tensor, batch_size: int, what: str, show: bool):
+    return progress_bar(tokens.split(batch_size), what, show=show)
+
+
+@torch.no_grad()
+def activation_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, heads: bool = True,
+                          mlp: bool = True, hidden: bool = False, show_progress: bool = True) -> dict:
+    """Per layer: 'heads' (n_q,) and 'mlp' (intermediate,) norms; 'hidden' (hidden,) summed over every
+    normalization output in the model. Tensors are float32 on the CPU."""
+    layers = decoder_layers(model)
+    dev = next(model.parameters()).device
+    sq = {"heads": [None] * len(layers), "mlp": [None] * len(layers), "hidden": None}
+    hooks = []
+
+    def add(key, i, value):
+        sq[key][i] = value if sq[key][i] is None else sq[key][i] + value
+
+    def add_hidden(_m, _inp, out):
+        value = out.detach().float().pow(2).flatten(0, -2).sum(0).cpu()
+        sq["hidden"] = value if sq["hidden"] is None else sq["hidden"] + value
+
+    for i, layer in enumerate(layers):
+        attn = _attn(layer)
+        if heads:
+            hd = head_dim(attn)
+            # o_proj input: the concatenated head outputs, (B, T, n_q·hd)
+            hooks.append(attn.o_proj.register_forward_pre_hook(
+                lambda _m, args, i=i, hd=hd: add("heads", i, args[0].detach().float().unflatten(-1, (-1, hd))
+                                                  .pow(2).sum(-1).flatten(0, -2).sum(0).cpu())))
+        if mlp and hasattr(layer.mlp, "down_proj"):
+            # down_proj input: act(gate)·up, (B, T, intermediate)
+            hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
+                lambda _m, args, i=i: add("mlp", i, args[0].detach().float().pow(2).flatten(0, -2).sum(0).cpu())))
+        if hidden:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                hooks.append(norm.register_forward_hook(add_hidden))
+    if hidden:
+        hooks.append(model.model.norm.register_forward_hook(add_hidden))
+    try:
+        for batch in _batches(tokens, batch_size, "importance", show_progress):
+            model(input_ids=batch.to(dev), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    sqrt = lambda t: None if t is None else t.sqrt()  # noqa: E731
+    return {"heads": [sqrt(t) for t in sq["heads"]], "mlp": [sqrt(t) for t in sq["mlp"]], "hidden": sqrt(sq["hidden"])}
+
+
+def taylor_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, show_progress: bool = True) -> dict:
+    """Per layer: 'heads' and 'mlp' scores |Σ w·g| over each structure's weights, from LM-loss gradients."""
+    layers = decoder_layers(model)
+    dev = next(model.parameters()).device
+    params = [p for layer in layers for p in layer.parameters()]
+    was_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        for batch in _batches(tokens, batch_size, "gradients", show_progress):
+            batch = batch.to(dev)
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        out = {"heads": [], "mlp": []}
+        with torch.no_grad():
+            for layer in layers:
+                attn = _attn(layer)
+                hd = head_dim(attn)
+                wg_q = (attn.q_proj.weight * attn.q_proj.weight.grad).float().unflatten(0, (-1, hd)).sum((1, 2))
+                wg_o = (attn.o_proj.weight * attn.o_proj.weight.grad).float().unflatten(1, (-1, hd)).sum((0, 2))
+                out["heads"].append((wg_q + wg_o).abs().cpu())
+                if hasattr(layer.mlp, "down_proj"):
+                    m = layer.mlp
+                    wg = sum((lin.weight * lin.weight.grad).float().sum(1) for lin in (m.gate_proj, m.up_proj))
+                    wg = wg + (m.down_proj.weight * m.down_proj.weight.grad).float().sum(0)
+                    out["mlp"].append(wg.abs().cpu())
+                else:
+                    out["mlp"].append(None)
+        return out
+    finally:
+        for p in params:
+            p.grad = None
+        for p, g in zip(model.parameters(), was_grad):
+            p.requires_grad_(g)
+
+
+@torch.no_grad()
+def block_influence(model, tokens: torch.Tensor, *, batch_size: int = 8, show_progress: bool = True) -> list[float]:
+    """ShortGPT's Block Influence per decoder layer: 1 − mean over tokens of cos(input, output)."""
+    layers = decoder_layers(model)
+    dev = next(model.parameters()).device
+    total = [0.0] * len(layers)
+    count = 0
+    hooks = []
+
+    def record(i):
+        def hook(_m, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            total[i] += F.cosine_similarity(x.float(), y.float(), dim=-1).sum().item()
+        return hook
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_hook(record(i), with_kwargs=True))
+    try:
+        for batch in _batches(tokens, batch_size, "block influence", show_progress):
+            model(input_ids=batch.to(dev), use_cache=False)
+            count += batch.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [1 - t / count for t in total]
+
+
+def is_moe(model) -> bool:
+    return any(not hasattr(layer.mlp, "down_proj") for layer in decoder_layers(model))

@@ -1,0 +1,328 @@
+"""Structured pruning that physically removes parameters: heads, MLP channels, layers, hidden width.
+
+Surgery functions take the indices to keep; handlers rank structures by importance (importance.py)
+and call them. After a pass the config is synced to the modules: uniform shapes give a plain HF
+config, per-layer shapes are recorded in `pocketlm_record["layer_shapes"]` for `pocketlm.load`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError, UnsupportedModelError
+from ..api import PassContext, register_pass
+from ..calibration import decoder_layers
+from .configs import HeadPruneConfig, LayerDropConfig, MlpPruneConfig, WidthPruneConfig
+from .importance import activation_importance, block_influence, head_dim, is_moe, n_heads, taylor_importance
+
+# --- surgery ---------------------------------------------------------------------------------------
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+    new.weight.requires_grad_(like.weight.requires_grad)
+    return new
+
+
+def keep_rows(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    """A Linear with only the output features `idx`."""
+    idx = idx.to(lin.weight.device)
+    return _linear(lin.weight[idx], lin.bias[idx] if lin.bias is not None else None, lin)
+
+
+def keep_cols(lin: nn.Linear, idx: torch.Tensor) -> nn.Linear:
+    """A Linear with only the input features `idx` (the bias is per output, unchanged)."""
+    idx = idx.to(lin.weight.device)
+    return _linear(lin.weight[:, idx], lin.bias, lin)
+
+
+def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
+    return torch.tensor([h * hd + j for h in heads for j in range(hd)], dtype=torch.long)
+
+
+def prune_heads_(attn: nn.Module, keep_q: list[int], keep_kv: list[int]) -> None:
+    """Keep query heads `keep_q` and KV heads `keep_kv`; every kept KV head must keep the same number
+    of its own query heads, since HF attention maps query head i to KV head i // groups."""
+    hd = head_dim(attn)
+    nq, nkv = n_heads(attn)
+    groups = nq // nkv
+    per_kv = {kv: sorted(q for q in keep_q if q // groups == kv) for kv in keep_kv}
+    sizes = {len(v) for v in per_kv.values()}
+    if len(sizes) != 1 or 0 in sizes or len(keep_q) != sum(len(v) for v in per_kv.values()):
+        raise ConfigError("kept query heads are not the same number in every kept KV group",
+                          "prune query heads per KV group (unit query) or whole groups (unit kv_group)")
+    q_order = [q for kv in sorted(keep_kv) for q in per_kv[kv]]
+    q_rows, kv_rows = _head_rows(q_order, hd), _head_rows(sorted(keep_kv), hd)
+    attn.q_proj = keep_rows(attn.q_proj, q_rows)
+    attn.k_proj = keep_rows(attn.k_proj, kv_rows)
+    attn.v_proj = keep_rows(attn.v_proj, kv_rows)
+    attn.o_proj = keep_cols(attn.o_proj, q_rows)
+    attn.num_key_value_groups = len(q_order) // len(keep_kv)
+
+
+def prune_mlp_(mlp: nn.Module, keep: torch.Tensor) -> None:
+    """Keep intermediate channels `keep` of a gated MLP (gate_proj, up_proj, down_proj)."""
+    keep = keep.sort().values
+    mlp.gate_proj = keep_rows(mlp.gate_proj, keep)
+    mlp.up_proj = keep_rows(mlp.up_proj, keep)
+    mlp.down_proj = keep_cols(mlp.down_proj, keep)
+
+
+def drop_layers_(model, drop: list[int]) -> None:
+    """Remove decoder layers and renumber the rest (their KV-cache slots follow `layer_idx`)."""
+    layers = decoder_layers(model)
+    kept = [layer for i, layer in enumerate(layers) if i not in set(drop)]
+    for new_idx, layer in enumerate(kept):
+        layer.self_attn.layer_idx = new_idx
+        if hasattr(layer, "layer_idx"):
+            layer.layer_idx = new_idx
+    model.model.layers = nn.ModuleList(kept)
+    cfg = model.config
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in set(drop)]
+    cfg.num_hidden_layers = len(kept)
+
+
+def _slice_norm_(norm: nn.Module, keep: torch.Tensor) -> None:
+    norm.weight = nn.Parameter(norm.weight.data[keep.to(norm.weight.device)].clone(),
+                               requires_grad=norm.weight.requires_grad)
+
+
+def prune_hidden_(model, keep: torch.Tensor) -> None:
+    """Keep hidden (residual-stream) channels `keep` everywhere: embeddings, norms, every projection."""
+    keep = keep.sort().values
+    emb = model.model.embed_tokens
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
+    emb.weight = nn.Parameter(emb.weight.data[:, keep.to(emb.weight.device)].clone())
+    emb.embedding_dim = len(keep)
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(attn, name, keep_cols(getattr(attn, name), keep))
+        attn.o_proj = keep_rows(attn.o_proj, keep)
+        mlp.gate_proj, mlp.up_proj = keep_cols(mlp.gate_proj, keep), keep_cols(mlp.up_proj, keep)
+        mlp.down_proj = keep_rows(mlp.down_proj, keep)
+        _slice_norm_(layer.input_layernorm, keep)
+        _slice_norm_(layer.post_attention_layernorm, keep)
+    _slice_norm_(model.model.norm, keep)
+    head = model.get_output_embeddings()
+    if tied:
+        head.weight = emb.weight
+    else:
+        model.lm_head = keep_cols(head, keep)
+    model.config.hidden_size = len(keep)
+
+
+# --- shapes: plain HF config when uniform, recorded per layer otherwise -----------------------------
+
+SHAPE_KEYS = ("q_heads", "kv_heads", "intermediate")
+
+
+def layer_shapes(model) -> list[dict]:
+    shapes = []
+    for layer in decoder_layers(model):
+        nq, nkv = n_heads(layer.self_attn)
+        inter = layer.mlp.down_proj.in_features if hasattr(layer.mlp, "down_proj") else None
+        shapes.append({"q_heads": nq, "kv_heads": nkv, "intermediate": inter})
+    return shapes
+
+
+def sync_config(model) -> list[dict] | None:
+    """Write the modules' shapes into the HF config; return per-layer shapes when they differ
+    (the config then holds the largest, which transformers alone cannot load)."""
+    shapes = layer_shapes(model)
+    cfg = model.config
+    cfg.head_dim = head_dim(decoder_layers(model)[0].self_attn)  # explicit: hidden/heads no longer gives it
+    cfg.num_attention_heads = max(s["q_heads"] for s in shapes)
+    cfg.num_key_value_heads = max(s["kv_heads"] for s in shapes)
+    if shapes[0]["intermediate"] is not None:
+        cfg.intermediate_size = max(s["intermediate"] for s in shapes)
+    uniform = all(s == shapes[0] for s in shapes)
+    record = getattr(model, "pocketlm_record", None)
+    if record is None:
+        record = model.pocketlm_record = {}
+    if uniform:
+        record.pop("layer_shapes", None)
+        return None
+    record["layer_shapes"] = shapes
+    return shapes
+
+
+def apply_layer_shapes(model, shapes: list[dict]) -> None:
+    """Shrink a freshly built model's layers to recorded shapes (weights are loaded afterwards)."""
+    for layer, shape in zip(decoder_layers(model), shapes):
+        attn = layer.self_attn
+        nq, nkv = n_heads(attn)
+        groups = shape["q_heads"] // shape["kv_heads"]
+        keep_kv = list(range(shape["kv_heads"]))
+        keep_q = [kv * (nq // nkv) + j for kv in keep_kv for j in range(groups)]
+        prune_heads_(attn, keep_q, keep_kv)
+        if shape["intermediate"] is not None:
+            prune_mlp_(layer.mlp, torch.arange(shape["intermediate"]))
+
+
+# --- handlers ---------------------------------------------------------------------------------------
+
+
+def _scores(model, cfg, ctx: PassContext, **kw) -> dict:
+    if cfg.importance == "taylor":
+        return taylor_importance(model, ctx.tokens, show_progress=ctx.show_progress)
+    return activation_importance(model, ctx.tokens, show_progress=ctx.show_progress, **kw)
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@register_pass(HeadPruneConfig)
+def _prune_heads(model, cfg: HeadPruneConfig, ctx: PassContext) -> dict:
+    if cfg.scope == "global" and is_moe(model):
+        raise UnsupportedModelError("per-layer head counts (scope global) are not supported for mixture-of-experts models",
+                                    "use scope layer")
+    before = _params(model)
+    scores = _scores(model, cfg, ctx, mlp=False)["heads"]
+    layers = decoder_layers(model)
+    nq, nkv = n_heads(layers[0].self_attn)
+    groups = nq // nkv
+    if cfg.unit == "kv_group":
+        # A group's importance is the sum of its query heads'.
+        units = [s.view(nkv, groups).sum(1) for s in scores]
+        per_unit, total_units = 1, nkv
+    else:
+        units = [s.view(nkv, groups) for s in scores]  # rank query heads within their group
+        per_unit, total_units = nkv, groups
+    n_remove = round(cfg.ratio * total_units)
+    if n_remove < 1 or n_remove >= total_units:
+        raise ConfigError(f"removing {cfg.ratio:.0%} of {'KV groups' if cfg.unit == 'kv_group' else 'query heads per group'} "
+                          f"rounds to {n_remove} of {total_units}", "choose a ratio that removes at least one and keeps one")
+    removed = _choose(units, n_remove, cfg.scope, total_units)
+    for layer, rm in zip(layers, removed):
+        if cfg.unit == "kv_group":
+            keep_kv = [g for g in range(nkv) if g not in rm]
+            keep_q = [g * groups + j for g in keep_kv for j in range(groups)]
+        else:
+            keep_kv = list(range(nkv))
+            keep_q = [g * groups + j for g in range(nkv) for j in range(groups) if (g, j) not in rm]
+        prune_heads_(layer.self_attn, keep_q, keep_kv)
+    sync_config(model)
+    return {"params_before": before, "params_after": _params(model)}
+
+
+def _choose(units: list[torch.Tensor], n_remove: int, scope: str, total: int) -> list[set]:
+    """Per layer, the units to remove. units[l] is (nkv,) for groups or (nkv, groups) for query heads
+    (ranked within each group, the same count removed from every group). 'global' ranks across layers
+    at the same total, keeping at least one unit per layer."""
+    grouped = units[0].ndim == 2
+    if scope == "layer":
+        if grouped:
+            return [{(g, int(j)) for g in range(u.shape[0]) for j in u[g].argsort()[:n_remove]} for u in units]
+        return [set(u.argsort()[:n_remove].tolist()) for u in units]
+    # Global: score a unit (a group's j-th weakest head across its groups, or a KV group) per layer,
+    # normalised by the layer's total so layers of different scale compare.
+    flat = []
+    for li, u in enumerate(units):
+        u = u / u.sum()
+        ranked = u.sort(dim=-1).values.sum(0) if grouped else u.sort().values  # weakest first
+        flat += [(float(v), li, k) for k, v in enumerate(ranked[:-1])]  # the strongest always stays
+    flat.sort()
+    count = [0] * len(units)
+    for _, li, _k in flat[: n_remove * len(units)]:
+        count[li] += 1
+    if grouped:
+        return [{(g, int(j)) for g in range(u.shape[0]) for j in u[g].argsort()[:c]} for u, c in zip(units, count)]
+    return [set(u.argsort()[:c].tolist()) for u, c in zip(units, count)]
+
+
+@register_pass(MlpPruneConfig)
+def _prune_mlp(model, cfg: MlpPruneConfig, ctx: PassContext) -> dict:
+    if is_moe(model):
+        raise UnsupportedModelError("structured MLP pruning of mixture-of-experts layers is not supported",
+                                    "prune heads or layers, or use unstructured pruning on MoE models")
+    before = _params(model)
+    scores = _scores(model, cfg, ctx, heads=False)["mlp"]
+    layers = decoder_layers(model)
+    if cfg.scope == "layer":
+        keeps = [s.argsort(descending=True)[: max(1, round(len(s) * (1 - cfg.ratio)))] for s in scores]
+    else:
+        normed = torch.cat([s / s.mean() for s in scores])
+        n_keep = round(len(normed) * (1 - cfg.ratio))
+        threshold = normed.sort(descending=True).values[n_keep - 1]
+        keeps = [(s / s.mean() >= threshold).nonzero().flatten() for s in scores]
+        keeps = [k if len(k) else s.argmax().view(1) for k, s in zip(keeps, scores)]
+    for layer, keep in zip(layers, keeps):
+        prune_mlp_(layer.mlp, keep)
+    sync_config(model)
+    return {"params_before": before, "params_after": _params(model)}
+
+
+@register_pass(LayerDropConfig)
+def _drop_layers(model, cfg: LayerDropConfig, ctx: PassContext) -> dict:
+    n = len(decoder_layers(model))
+    if cfg.drop >= n:
+        raise ConfigError(f"--drop {cfg.drop} would remove all {n} layers", f"drop at most {n - 1}")
+    before = _params(model)
+    if cfg.metric == "last":
+        drop, bi = list(range(n - cfg.drop, n)), None
+    else:
+        bi = block_influence(model, ctx.tokens, show_progress=ctx.show_progress)
+        drop = sorted(sorted(range(n), key=lambda i: bi[i])[: cfg.drop])
+    drop_layers_(model, drop)
+    return {"dropped": drop, "block_influence": bi, "params_before": before, "params_after": _params(model)}
+
+
+def width_params(model, hidden: int, inter: int) -> int:
+    """Parameter count of a dense model after width pruning to `hidden` channels and `inter` MLP channels."""
+    layers = decoder_layers(model)
+    total = model.model.embed_tokens.weight.shape[0] * hidden
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.model.embed_tokens.weight:
+        total += head.weight.shape[0] * hidden
+    for layer in layers:
+        a = layer.self_attn
+        total += hidden * (a.q_proj.out_features + a.k_proj.out_features + a.v_proj.out_features)
+        total += sum(p.bias.numel() for p in (a.q_proj, a.k_proj, a.v_proj) if p.bias is not None)
+        total += a.o_proj.in_features * hidden + (hidden if a.o_proj.bias is not None else 0)
+        total += 3 * hidden * inter + 2 * hidden
+        total += sum(p.numel() for n, p in a.named_parameters() if "norm" in n)  # q_norm/k_norm (Qwen3)
+    return total + hidden  # final norm
+
+
+@register_pass(WidthPruneConfig)
+def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
+    if is_moe(model):
+        raise UnsupportedModelError("width pruning of mixture-of-experts models is not supported",
+                                    "prune heads or layers, or use unstructured pruning on MoE models")
+    before = _params(model)
+    hidden, inter = model.config.hidden_size, decoder_layers(model)[0].mlp.down_proj.in_features
+    if cfg.target_params >= before:
+        raise ConfigError(f"target of {cfg.target_params:,} parameters is not below the model's {before:,}",
+                          "choose a --target-params smaller than the model")
+    # Widths stay multiples of 32 (quantization groups, SIMD) and the hidden size a multiple of the
+    # head count, which HF configs require; where the model is too small for that, of the head count alone.
+    heads = model.config.num_attention_heads
+    h_step = math.lcm(heads, 32) if hidden >= 2 * math.lcm(heads, 32) else heads
+    i_step = 32 if inter >= 64 else 1
+    sizes = lambda f: (max(h_step, int(hidden * f) // h_step * h_step), max(i_step, int(inter * f) // i_step * i_step))  # noqa: E731
+    # Largest kept fraction f (same for hidden and MLP channels) whose model fits the target.
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if width_params(model, *sizes(mid)) <= cfg.target_params else (lo, mid)
+    new_hidden, new_inter = sizes(lo)
+    if width_params(model, new_hidden, new_inter) > cfg.target_params:
+        raise ConfigError(f"target of {cfg.target_params:,} parameters is below what width pruning can reach "
+                          f"({width_params(model, new_hidden, new_inter):,})",
+                          "raise --target-params or also prune heads and layers")
+    scores = activation_importance(model, ctx.tokens, heads=False, hidden=True, show_progress=ctx.show_progress)
+    for layer, s in zip(decoder_layers(model), scores["mlp"]):
+        prune_mlp_(layer.mlp, s.argsort(descending=True)[:new_inter])
+    model.config.head_dim = head_dim(decoder_layers(model)[0].self_attn)
+    prune_hidden_(model, scores["hidden"].argsort(descending=True)[:new_hidden])
+    sync_config(model)
+    return {"params_before": before, "params_after": _params(model), "hidden": new_hidden, "intermediate": new_inter}

@@ -1,0 +1,147 @@
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import pocketlm
+from pocketlm.compress import HeadPruneConfig, LayerDropConfig, MlpPruneConfig, WidthPruneConfig, compress_
+from pocketlm.compress.prune.structured import drop_layers_, prune_heads_, prune_mlp_
+from pocketlm.errors import ConfigError, UnsupportedModelError
+
+CALIB = dict(calib_samples=8, calib_len=128, show_progress=False)
+X = torch.randint(0, 8192, (2, 24))
+
+
+def logits(model, x=X):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.fixture
+def tiny_copy(tiny):
+    model, tok = tiny
+    return copy.deepcopy(model), tok
+
+
+def test_removing_heads_equals_zeroing_their_output(tiny, tiny_copy):
+    ref, _ = tiny_copy
+    pruned = copy.deepcopy(ref)
+    hd = ref.config.head_dim
+    # tiny: 4 query heads, 2 KV heads (groups of 2); remove query head 1 (group 0) and 2 (group 1) in layer 0.
+    with torch.no_grad():
+        for h in (1, 2):
+            ref.model.layers[0].self_attn.o_proj.weight[:, h * hd:(h + 1) * hd] = 0
+    prune_heads_(pruned.model.layers[0].self_attn, keep_q=[0, 3], keep_kv=[0, 1])
+    assert pruned.model.layers[0].self_attn.q_proj.out_features == 2 * hd
+    assert torch.allclose(logits(pruned), logits(ref), atol=1e-5)
+
+
+def test_removing_a_kv_group_equals_zeroing_its_heads(tiny_copy):
+    ref, _ = tiny_copy
+    pruned = copy.deepcopy(ref)
+    hd = ref.config.head_dim
+    with torch.no_grad():
+        ref.model.layers[1].self_attn.o_proj.weight[:, 2 * hd:4 * hd] = 0  # query heads 2, 3 use KV head 1
+    prune_heads_(pruned.model.layers[1].self_attn, keep_q=[0, 1], keep_kv=[0])
+    assert pruned.model.layers[1].self_attn.k_proj.out_features == hd
+    assert torch.allclose(logits(pruned), logits(ref), atol=1e-5)
+
+
+def test_inconsistent_gqa_heads_are_refused(tiny_copy):
+    model, _ = tiny_copy
+    with pytest.raises(ConfigError, match="same number"):
+        prune_heads_(model.model.layers[0].self_attn, keep_q=[0, 1, 2], keep_kv=[0, 1])
+
+
+def test_removing_mlp_channels_equals_zeroing_them(tiny_copy):
+    ref, _ = tiny_copy
+    pruned = copy.deepcopy(ref)
+    keep = torch.arange(0, 352, 2)
+    with torch.no_grad():
+        ref.model.layers[2].mlp.down_proj.weight[:, 1::2] = 0
+    prune_mlp_(pruned.model.layers[2].mlp, keep)
+    assert pruned.model.layers[2].mlp.down_proj.in_features == 176
+    assert torch.allclose(logits(pruned), logits(ref), atol=1e-5)
+
+
+def test_dropped_layers_renumber_and_cache_still_works(tiny_copy):
+    model, tok = tiny_copy
+    drop_layers_(model, [1])
+    assert model.config.num_hidden_layers == 3
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+    ids = tok("In the beginning", return_tensors="pt")["input_ids"]
+    cached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_block_influence_drops_the_least_influential_layers(tiny_copy):
+    model, tok = tiny_copy
+    stats = compress_(model, LayerDropConfig(drop=2), tok=tok, **CALIB)[0]["stats"]
+    bi = stats["block_influence"]
+    assert stats["dropped"] == sorted(sorted(range(4), key=lambda i: bi[i])[:2])
+    assert stats["params_after"] < stats["params_before"]
+
+
+@pytest.mark.parametrize("cfg", [HeadPruneConfig(ratio=0.5), HeadPruneConfig(ratio=0.5, unit="kv_group"),
+                                 MlpPruneConfig(ratio=0.5), MlpPruneConfig(ratio=0.25, importance="taylor"),
+                                 LayerDropConfig(drop=1), WidthPruneConfig(target_params=1_300_000)],
+                         ids=lambda c: c.kind)
+def test_uniform_pruning_saves_a_plain_hf_model(tmp_path, tiny_copy, cfg):
+    model, tok = tiny_copy
+    stats = compress_(model, cfg, tok=tok, **CALIB)[0]["stats"]
+    assert stats["params_after"] < stats["params_before"]
+    if isinstance(cfg, WidthPruneConfig):
+        assert stats["params_after"] <= cfg.target_params
+    pocketlm.save(model, tok, tmp_path / "art")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "art")
+    assert sum(p.numel() for p in hf.parameters()) == stats["params_after"]
+    assert torch.equal(logits(hf), logits(model))
+
+
+def test_global_ranking_records_layer_shapes_and_reloads(tmp_path, tiny_copy):
+    model, tok = tiny_copy
+    compress_(model, MlpPruneConfig(ratio=0.5, scope="global"), tok=tok, **CALIB)
+    shapes = model.pocketlm_record["layer_shapes"]
+    assert len({s["intermediate"] for s in shapes}) > 1
+    pocketlm.save(model, tok, tmp_path / "art")
+    reloaded, _ = pocketlm.load(tmp_path / "art")
+    assert torch.equal(logits(reloaded), logits(model))
+    with pytest.raises(Exception):  # one HF config cannot hold per-layer sizes
+        AutoModelForCausalLM.from_pretrained(tmp_path / "art")
+
+
+def test_activation_importance_beats_random_choice(tiny):
+    """Keeping the most active channels hurts less than keeping a random half."""
+    _, tok = tiny
+    calib_ppl = {}
+    for name in ("importance", "random"):
+        model = copy.deepcopy(tiny[0])
+        if name == "importance":
+            compress_(model, MlpPruneConfig(ratio=0.5), tok=tok, **CALIB)
+        else:
+            g = torch.Generator().manual_seed(0)
+            for layer in model.model.layers:
+                prune_mlp_(layer.mlp, torch.randperm(352, generator=g)[:176])
+        report = pocketlm.evaluate(model, tok, pocketlm.EvalProtocol(tokens=4096, speed=False), show_progress=False)
+        calib_ppl[name] = report.quality["ppl"]
+    assert calib_ppl["importance"] < calib_ppl["random"]
+
+
+@pytest.mark.parametrize("cfg,error,needle", [
+    (LayerDropConfig(drop=4), ConfigError, "remove all 4 layers"),
+    (WidthPruneConfig(target_params=10**9), ConfigError, "not below the model"),
+    (WidthPruneConfig(target_params=10), ConfigError, "below what width pruning can reach"),
+    (HeadPruneConfig(ratio=0.1), ConfigError, "rounds to 0"),
+])
+def test_impossible_settings(tiny_copy, cfg, error, needle):
+    model, tok = tiny_copy
+    with pytest.raises(error, match=needle):
+        compress_(model, cfg, tok=tok, **CALIB)
+
+
+def test_moe_structured_mlp_is_refused():
+    model, tok = pocketlm.load("moe")
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        compress_(model, MlpPruneConfig(ratio=0.5), tok=tok, **CALIB)
