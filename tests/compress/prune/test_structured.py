@@ -145,3 +145,14 @@ def test_moe_structured_mlp_is_refused():
     model, tok = pocketlm.load("moe")
     with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
         compress_(model, MlpPruneConfig(ratio=0.5), tok=tok, **CALIB)
+
+
+def test_kept_rms_ratio_restores_norm_scale(tiny):
+    from pocketlm.compress.prune.importance import activation_importance, kept_rms_ratio
+    model, _ = tiny
+    tokens = torch.randint(0, 8192, (2, 64), generator=torch.Generator().manual_seed(0))
+    everything = kept_rms_ratio(model, tokens, torch.arange(128), show_progress=False)
+    assert everything == pytest.approx([1.0] * 9)  # 4 layers x 2 norms + the final norm
+    strongest = activation_importance(model, tokens, heads=False, mlp=False, hidden=True,
+                                      show_progress=False)["hidden"].argsort(descending=True)[:64]
+    assert all(r > 1 for r in kept_rms_ratio(model, tokens, strongest, show_progress=False))

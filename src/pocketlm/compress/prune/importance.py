@@ -144,3 +144,41 @@ def block_influence(model, tokens: torch.Tensor, *, batch_size: int = 8, show_pr
 
 def is_moe(model) -> bool:
     return any(not hasattr(layer.mlp, "down_proj") for layer in decoder_layers(model))
+
+
+def hidden_norms(model) -> list:
+    """Every normalization over the residual stream: each layer's two, then the final one."""
+    norms = [n for layer in decoder_layers(model) for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+    return norms + [model.model.norm]
+
+
+@torch.no_grad()
+def kept_rms_ratio(model, tokens: torch.Tensor, keep: torch.Tensor, *, batch_size: int = 8,
+                   show_progress: bool = True) -> list[float]:
+    """Per residual-stream norm (order of `hidden_norms`), the mean over tokens of
+    rms(x[keep]) / rms(x) for its input x: an RMSNorm over fewer channels divides by the kept
+    channels' RMS, so scaling its weight by this ratio restores the original output on average."""
+    norms = hidden_norms(model)
+    dev = next(model.parameters()).device
+    keep = keep.to(dev)
+    total = [0.0] * len(norms)
+    count = 0
+    hooks = []
+
+    def record(i):
+        def hook(_m, args):
+            x = args[0].float()
+            total[i] += (x[..., keep].pow(2).mean(-1).sqrt() / x.pow(2).mean(-1).sqrt().clamp_min(1e-12)).sum().item()
+        return hook
+
+    for i, norm in enumerate(norms):
+        hooks.append(norm.register_forward_pre_hook(record(i)))
+    try:
+        for batch in _batches(tokens, batch_size, "norm scales", show_progress):
+            model(input_ids=batch.to(dev), use_cache=False)
+            count += batch.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [t / count for t in total]
+

@@ -15,7 +15,8 @@ from ...errors import ConfigError, UnsupportedModelError
 from ..api import PassContext, register_pass
 from ..calibration import decoder_layers
 from .configs import HeadPruneConfig, LayerDropConfig, MlpPruneConfig, WidthPruneConfig
-from .importance import activation_importance, block_influence, head_dim, is_moe, n_heads, taylor_importance
+from .importance import (activation_importance, block_influence, head_dim, hidden_norms, is_moe, kept_rms_ratio,
+                         n_heads, taylor_importance)
 
 # --- surgery ---------------------------------------------------------------------------------------
 
@@ -306,8 +307,8 @@ def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
     # Widths stay multiples of 32 (quantization groups, SIMD) and the hidden size a multiple of the
     # head count, which HF configs require; where the model is too small for that, of the head count alone.
     heads = model.config.num_attention_heads
-    h_step = math.lcm(heads, 32) if hidden >= 2 * math.lcm(heads, 32) else heads
-    i_step = 32 if inter >= 64 else 1
+    h_step = next((step for step in (math.lcm(heads, 32), math.lcm(heads, 8)) if hidden >= 8 * step), heads)
+    i_step = 32 if inter >= 8 * 32 else 1
     sizes = lambda f: (max(h_step, int(hidden * f) // h_step * h_step), max(i_step, int(inter * f) // i_step * i_step))  # noqa: E731
     # Largest kept fraction f (same for hidden and MLP channels) whose model fits the target.
     lo, hi = 0.0, 1.0
@@ -323,6 +324,11 @@ def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
     for layer, s in zip(decoder_layers(model), scores["mlp"]):
         prune_mlp_(layer.mlp, s.argsort(descending=True)[:new_inter])
     model.config.head_dim = head_dim(decoder_layers(model)[0].self_attn)
-    prune_hidden_(model, scores["hidden"].argsort(descending=True)[:new_hidden])
+    keep = scores["hidden"].argsort(descending=True)[:new_hidden]
+    ratios = kept_rms_ratio(model, ctx.tokens, keep, show_progress=ctx.show_progress)
+    prune_hidden_(model, keep)
+    with torch.no_grad():
+        for norm, ratio in zip(hidden_norms(model), ratios):
+            norm.weight.mul_(ratio)
     sync_config(model)
     return {"params_before": before, "params_after": _params(model), "hidden": new_hidden, "intermediate": new_inter}
