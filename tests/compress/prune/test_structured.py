@@ -156,3 +156,14 @@ def test_kept_rms_ratio_restores_norm_scale(tiny):
     strongest = activation_importance(model, tokens, heads=False, mlp=False, hidden=True,
                                       show_progress=False)["hidden"].argsort(descending=True)[:64]
     assert all(r > 1 for r in kept_rms_ratio(model, tokens, strongest, show_progress=False))
+
+
+def test_dropping_layers_after_global_pruning_keeps_shapes_consistent(tmp_path, tiny_copy):
+    model, tok = tiny_copy
+    compress_(model, [MlpPruneConfig(ratio=0.5, scope="global"), LayerDropConfig(drop=1, metric="last")],
+              tok=tok, **CALIB)
+    assert len(model.pocketlm_record["layer_shapes"]) == 3
+    pocketlm.save(model, tok, tmp_path / "art")
+    reloaded, _ = pocketlm.load(tmp_path / "art")
+    assert [k for k in ("prune_mlp", "prune_layers")] == [r["kind"] for r in reloaded.pocketlm_record["recipe"]]
+    assert torch.equal(logits(reloaded), logits(model))

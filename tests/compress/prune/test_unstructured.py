@@ -102,8 +102,8 @@ def test_sparsegpt_beats_magnitude_and_wanda(layer):
         ref[name] = _err(x, w, w * keep)
     w2 = w.clone()
     keep = sparsegpt_prune_(w2, stats.hessian_matrix, 0.5)
-    assert ((w2 == 0).sum(1) == 64).all()
-    assert (w2[~keep] == 0).all() and ((~keep).sum(1) == 64).all()
+    assert int((w2 == 0).sum()) == w2.numel() // 2  # exact for the matrix; rows may differ, as in the reference
+    assert (w2[~keep] == 0).all() and int((~keep).sum()) == w2.numel() // 2
     assert _err(x, w, w2) < 0.8 * min(ref.values()), (_err(x, w, w2), ref)
 
 

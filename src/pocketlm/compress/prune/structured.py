@@ -274,6 +274,7 @@ def _drop_layers(model, cfg: LayerDropConfig, ctx: PassContext) -> dict:
         bi = block_influence(model, ctx.tokens, show_progress=ctx.show_progress)
         drop = sorted(sorted(range(n), key=lambda i: bi[i])[: cfg.drop])
     drop_layers_(model, drop)
+    sync_config(model)  # per-layer shapes recorded by an earlier pass lose the dropped layers too
     return {"dropped": drop, "block_influence": bi, "params_before": before, "params_after": _params(model)}
 
 

@@ -169,7 +169,7 @@ def sparsegpt_prune_(
     Args:
         weight: (out, in), any float dtype; computed in float32, written back in its dtype.
         hessian: (in, in) calibration Hessian 2XᵀX/N, e.g. ``InputStats.hessian_matrix``.
-        sparsity: fraction of each row to remove (``int(in·sparsity)`` per row), in [0, 1).
+        sparsity: fraction of the matrix to remove (exactly, block by block; rows may differ), in [0, 1).
         nm: (n, m) for N:M sparsity instead; sparsity is then ignored. Default None.
         blocksize: columns per lazy-update block (default 128); a multiple of m with ``nm``.
         percdamp: dampening, as a fraction of mean(diag H), added to H's diagonal (default 0.01).
@@ -215,11 +215,10 @@ def sparsegpt_prune_(
         d2 = Hinv1.diagonal().square()[None, :]  # (1, b)
         mask1 = torch.zeros_like(W1, dtype=torch.bool)
         if nm is None:
-            # The reference thresholds w²/d² over the whole block; we pick the lowest per row
-            # instead, with per-block counts from the cumulative target, so every row ends with
-            # exactly int(in·sparsity) zeros.
-            k = int(i2 * sparsity) - int(i1 * sparsity)
-            mask1.scatter_(1, (W1.square() / d2).argsort(dim=1, stable=True)[:, :k], True)
+            # As the reference: the lowest w²/d² over the whole block, so rows may differ in
+            # sparsity (the matrix still loses exactly its share, block by block).
+            k = int(i2 * sparsity * out_f) - int(i1 * sparsity * out_f)
+            mask1.view(-1)[(W1.square() / d2).flatten().argsort(stable=True)[:k]] = True
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 # Choose the group's mask from the weights as updated so far.
