@@ -2,8 +2,8 @@
 
 - 50% unstructured and 2:4: magnitude, Wanda, SparseGPT; Δppl and each method's Δppl ÷ magnitude's.
 - Structured, 25% and 50% of parameters removed, (a) query heads + MLP channels, (b) Minitron width:
-  weights MB, prefill latency (compute-bound) and decode tok/s (transformers.generate, batch 1) as
-  ratios to the dense model, ppl before recovery.
+  weights MB, prefill latency (compute-bound) and decode time per token (transformers.generate,
+  batch 1) as ratios to the dense model, timed alternately with it; ppl before recovery.
 - Depth: drop 2 of 8 layers by Block Influence vs the last 2.
 - Every artifact is saved, reloaded with pocketlm.load, and its logits compared with the in-memory model.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import tempfile
 import time
 
@@ -23,6 +24,7 @@ from rich.table import Table
 import pocketlm
 from pocketlm.compress import (HeadPruneConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig, SparseGPTConfig,
                                WandaConfig, WidthPruneConfig, compress_)
+from pocketlm.eval.efficiency import decode_tok_s, prefill_ms
 from common import SHARED, write_result
 
 
@@ -37,6 +39,21 @@ def reloads_identically(model, tok, tmp: str, name: str) -> bool:
     x = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return torch.equal(again(x).logits, model(x).logits)
+
+
+def paired_speed(base, model, tokens: torch.Tensor, rounds: int = 5) -> dict:
+    """Prefill (512 tokens) and batch-1 decode (transformers.generate, 128 tokens) of the pruned model
+    against the dense one, alternated A B A B within each round; medians of the per-round ratios, so
+    machine drift cancels."""
+    prefill, decode = [], []
+    for _ in range(rounds):
+        p = [prefill_ms(m, tokens, length=512, warmup=1, repeats=3) for m in (base, model)]
+        d = [decode_tok_s(m, tokens, batch=1, prompt_len=32, new_tokens=128, warmup=1, repeats=3)[0]
+             for m in (base, model)]
+        prefill.append(p[1] / p[0])
+        decode.append(d[0] / d[1])  # decode time per token, pruned / dense
+    return {"prefill_ratio": statistics.median(prefill), "decode_time_ratio": statistics.median(decode),
+            "prefill_ratios": prefill, "decode_time_ratios": decode}
 
 
 def heads_and_mlp(base, tok, fraction: float, calib: dict) -> tuple:
@@ -64,23 +81,21 @@ def main() -> None:
     t_start = time.perf_counter()
     calib = dict(calib_samples=args.calib_samples, calib_len=512, show_progress=False)
     quality = pocketlm.EvalProtocol(text=args.text, tokens=args.tokens, speed=False)
-    speed = quality.replace(speed=True, decode_batch_sizes=(1,))
     base, tok = pocketlm.load(args.model)
-    dense = pocketlm.evaluate(base, tok, speed, show_progress=False)
+    dense = pocketlm.evaluate(base, tok, quality, show_progress=False)
     dense_ppl = dense.quality["ppl"]
+    speed_tokens = torch.randint(0, base.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     rows, console = [], Console(width=160)
 
     def measure(name, model, applied, tmp, with_speed=False, **extra):
-        report = pocketlm.evaluate(model, tok, speed if with_speed else quality, show_progress=False)
+        report = pocketlm.evaluate(model, tok, quality, show_progress=False)
         ppl = report.quality["ppl"]
         row = {"name": name, "ppl": ppl, "delta_ppl": ppl - dense_ppl, "delta_pct": (ppl / dense_ppl - 1) * 100,
                "params": params(model), "params_ratio": params(model) / params(base),
                "weights_mb": report.efficiency["weights_mb"], "reloads_identically": reloads_identically(model, tok, tmp, name),
                "recipe": applied, **extra}
         if with_speed:
-            row.update(prefill_ms=report.efficiency["prefill_ms"], decode_tok_s=report.efficiency["decode_tok_s"],
-                       prefill_ratio=report.efficiency["prefill_ms"] / dense.efficiency["prefill_ms"],
-                       decode_time_ratio=dense.efficiency["decode_tok_s"] / report.efficiency["decode_tok_s"],
+            row.update(paired_speed(base, model, speed_tokens),
                        weights_ratio=report.efficiency["weights_mb"] / dense.efficiency["weights_mb"])
         rows.append(row)
         console.print(f"{name}: ppl {ppl:.3f} (Δ {row['delta_pct']:+.2f}%), params {row['params_ratio']:.3f}×")
@@ -128,8 +143,9 @@ def main() -> None:
     console.print(checks)
     path = write_result("prune_small", {
         "model": args.model, "text": args.text, "tokens": args.tokens, "calib_samples": args.calib_samples,
-        "dense": {"ppl": dense_ppl, "params": params(base), "prefill_ms": dense.efficiency["prefill_ms"],
-                  "decode_tok_s": dense.efficiency["decode_tok_s"], "engine": dense.efficiency["engine"]},
+        "dense": {"ppl": dense_ppl, "params": params(base), "weights_mb": dense.efficiency["weights_mb"]},
+        "speed_engine": "transformers.generate (batch 1, greedy, 32-token prompt, 128 new tokens); prefill: one "
+                        "forward of 512 tokens; ratios pruned/dense, alternated within rounds, median of 5 rounds",
         "rows": rows, "checks": checks, "wall_s": time.perf_counter() - t_start})
     print(f"wrote {path}")
 

@@ -179,7 +179,7 @@ def demo_cmd(
     tokens: int = typer.Option(65536, help="Tokens of the embedded test text to score."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ):
-    """Evaluate the embedded tiny model against itself and its bf16/fp16 variants; write the report."""
+    """Evaluate the embedded tiny model (fp32, bf16, fp16, MLP-pruned) against fp32; write the report."""
     from .demo import run_demo
 
     path = run_demo(output, tokens=tokens, overwrite=overwrite, console=out)

@@ -1,36 +1,43 @@
-"""`pocketlm demo`: the embedded tiny model in fp32, bf16 and fp16, measured against fp32, and a report."""
+"""`pocketlm demo`: the embedded tiny model in fp32, bf16 and fp16 and with half its MLP channels
+pruned, each measured against the fp32 model, and a report with the Pareto plots."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from rich.console import Console
 
+from .compress import MlpPruneConfig, compress_
 from .eval.protocol import EvalProtocol, evaluate
 from .eval.report import render_report, render_table
 from .io import atomic_dir, load
 
-VARIANTS = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+PRUNED = "tiny-mlp50"
 
 
 def run_demo(output: str | Path, *, tokens: int = 65536, overwrite: bool = False,
              protocol: EvalProtocol | None = None, console: Console | None = None) -> Path:
-    """Evaluate `tiny` in each dtype against the fp32 model; write results/*.json and the report.
+    """Evaluate the tiny variants against the fp32 model; write results/*.json and the report.
 
     Args:
         output: directory to create (atomically); `overwrite` replaces an existing one.
         tokens: evaluation tokens when no `protocol` is given (default protocol otherwise).
-    Later compression issues add their variants here. Returns the output directory.
+    Returns the output directory.
     """
     console = console or Console()
     protocol = protocol or EvalProtocol(tokens=tokens)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         base = load("tiny", dtype="float32")
+        variants = [(f"tiny-{d}", base if d == "float32" else load("tiny", dtype=d)) for d in DTYPES]
+        pruned = copy.deepcopy(base[0])
+        compress_(pruned, MlpPruneConfig(ratio=0.5), tok=base[1], calib_samples=32, show_progress=False)
+        variants.append((PRUNED, (pruned, base[1])))
         reports = []
-        for dtype in VARIANTS:
-            console.print(f"[bold]tiny[/] in {dtype} vs tiny float32")
-            model, tok = base if dtype == "float32" else load("tiny", dtype=dtype)
-            report = evaluate(model, tok, protocol, baseline=base, label=f"tiny-{dtype}")
-            report.save(tmp / "results" / f"tiny-{dtype}.json")
+        for label, (model, tok) in variants:
+            console.print(f"[bold]{label}[/] vs tiny-float32")
+            report = evaluate(model, tok, protocol, baseline=base, label=label)
+            report.save(tmp / "results" / f"{label}.json")
             reports.append(report.to_dict())
         render_report(reports, tmp)
     console.print(render_table(reports))
