@@ -129,9 +129,13 @@ def _plot(path: Path, reports: list[dict], xs: list[float], front: list[int], xl
                label="Pareto front", zorder=3)
     order = sorted(front, key=lambda i: xs[i])
     ax.plot([xs[i] for i in order], [ys[i] for i in order], color="tab:red", drawstyle=steps, lw=1.2, zorder=1)
+    seen: dict[tuple, int] = {}
+    x_span, y_span = (max(v) - min(v) or 1.0 for v in (xs, ys))
     for i, r in enumerate(reports):
-        # '$' would start matplotlib mathtext in a label.
-        ax.annotate(r["label"].replace("$", r"\$"), (xs[i], ys[i]), xytext=(5, 5),
+        # Stack the labels of points within ~2% of each other; '$' would start mathtext in a label.
+        cell = (round(xs[i] / x_span * 50), round(ys[i] / y_span * 50))
+        k = seen[cell] = seen.get(cell, -1) + 1
+        ax.annotate(r["label"].replace("$", r"\$"), (xs[i], ys[i]), xytext=(5, 5 + 10 * k),
                     textcoords="offset points", fontsize=8)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
