@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import DataError
 from ..io import atomic_dir
 from .score import ScoreWeights, _get, _positive, quality_fronts, weighted_scores
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 MISSING = "–"
 FIX = "pass JSON written by `pocketlm eval --json`"
@@ -95,7 +98,7 @@ def _table(reports: Sequence[dict], scores: dict) -> tuple[list[str], list[list[
     return headers, rows
 
 
-def render_table(reports: Sequence[dict], weights: ScoreWeights = ScoreWeights()) -> "rich.table.Table":
+def render_table(reports: Sequence[dict], weights: ScoreWeights = ScoreWeights()) -> Table:
     """A rich Table with the same columns as report.md, for the CLI to print."""
     from rich.table import Table
     reports = _unique_labels(reports)

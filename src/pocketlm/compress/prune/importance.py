@@ -33,12 +33,26 @@ def _batches(tokens: torch.Tensor, batch_size: int, what: str, show: bool):
 
 
 @torch.no_grad()
+def _run_with_hooks(model, tokens: torch.Tensor, hooks: list, batch_size: int, what: str, show: bool) -> int:
+    """Forward every calibration batch while `hooks` (handles) record; remove them; return the token count."""
+    dev = next(model.parameters()).device
+    count = 0
+    try:
+        for batch in _batches(tokens, batch_size, what, show):
+            model(input_ids=batch.to(dev), use_cache=False)
+            count += batch.numel()
+    finally:
+        for h in hooks:
+            h.remove()
+    return count
+
+
+@torch.no_grad()
 def activation_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, heads: bool = True,
                           mlp: bool = True, hidden: bool = False, show_progress: bool = True) -> dict:
     """Per layer: 'heads' (n_q,) and 'mlp' (intermediate,) norms; 'hidden' (hidden,) summed over every
     normalization output in the model. Tensors are float32 on the CPU."""
     layers = decoder_layers(model)
-    dev = next(model.parameters()).device
     sq = {"heads": [None] * len(layers), "mlp": [None] * len(layers), "hidden": None}
     hooks = []
 
@@ -66,12 +80,7 @@ def activation_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, h
                 hooks.append(norm.register_forward_hook(add_hidden))
     if hidden:
         hooks.append(model.model.norm.register_forward_hook(add_hidden))
-    try:
-        for batch in _batches(tokens, batch_size, "importance", show_progress):
-            model(input_ids=batch.to(dev), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_with_hooks(model, tokens, hooks, batch_size, "importance", show_progress)
     sqrt = lambda t: None if t is None else t.sqrt()  # noqa: E731
     return {"heads": [sqrt(t) for t in sq["heads"]], "mlp": [sqrt(t) for t in sq["mlp"]], "hidden": sqrt(sq["hidden"])}
 
@@ -118,10 +127,7 @@ def taylor_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, show_
 def block_influence(model, tokens: torch.Tensor, *, batch_size: int = 8, show_progress: bool = True) -> list[float]:
     """ShortGPT's Block Influence per decoder layer: 1 − mean over tokens of cos(input, output)."""
     layers = decoder_layers(model)
-    dev = next(model.parameters()).device
     total = [0.0] * len(layers)
-    count = 0
-    hooks = []
 
     def record(i):
         def hook(_m, args, kwargs, out):
@@ -130,15 +136,8 @@ def block_influence(model, tokens: torch.Tensor, *, batch_size: int = 8, show_pr
             total[i] += F.cosine_similarity(x.float(), y.float(), dim=-1).sum().item()
         return hook
 
-    for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_hook(record(i), with_kwargs=True))
-    try:
-        for batch in _batches(tokens, batch_size, "block influence", show_progress):
-            model(input_ids=batch.to(dev), use_cache=False)
-            count += batch.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = [layer.register_forward_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    count = _run_with_hooks(model, tokens, hooks, batch_size, "block influence", show_progress)
     return [1 - t / count for t in total]
 
 
@@ -159,11 +158,8 @@ def kept_rms_ratio(model, tokens: torch.Tensor, keep: torch.Tensor, *, batch_siz
     rms(x[keep]) / rms(x) for its input x: an RMSNorm over fewer channels divides by the kept
     channels' RMS, so scaling its weight by this ratio restores the original output on average."""
     norms = hidden_norms(model)
-    dev = next(model.parameters()).device
-    keep = keep.to(dev)
+    keep = keep.to(next(model.parameters()).device)
     total = [0.0] * len(norms)
-    count = 0
-    hooks = []
 
     def record(i):
         def hook(_m, args):
@@ -171,14 +167,7 @@ def kept_rms_ratio(model, tokens: torch.Tensor, keep: torch.Tensor, *, batch_siz
             total[i] += (x[..., keep].pow(2).mean(-1).sqrt() / x.pow(2).mean(-1).sqrt().clamp_min(1e-12)).sum().item()
         return hook
 
-    for i, norm in enumerate(norms):
-        hooks.append(norm.register_forward_pre_hook(record(i)))
-    try:
-        for batch in _batches(tokens, batch_size, "norm scales", show_progress):
-            model(input_ids=batch.to(dev), use_cache=False)
-            count += batch.numel()
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = [norm.register_forward_pre_hook(record(i)) for i, norm in enumerate(norms)]
+    count = _run_with_hooks(model, tokens, hooks, batch_size, "norm scales", show_progress)
     return [t / count for t in total]
 

@@ -105,6 +105,25 @@ def _magnitude(model, cfg: MagnitudeConfig, ctx: PassContext) -> dict:
     return _sparsity_stats(model)
 
 
+def _calibrated_layers(model, ctx: PassContext, what: str, hessian: bool):
+    """Walk the decoder layer by layer, yielding each layer's matrices with their input statistics
+    gathered from the calibration inputs (which earlier, already pruned layers produced)."""
+    for _i, layer, inputs, kwargs in progress_bar(walk_layers(model, ctx.tokens), what, show=ctx.show_progress,
+                                                   total=len(decoder_layers(model))):
+        mats = layer_matrices(layer)
+        hooks = _attach_stats(layer, mats, hessian=hessian)
+        run_layer(layer, inputs, kwargs)
+        for h in hooks:
+            h.remove()
+        yield mats
+
+
+def _wanda_scores(m: Matrix) -> torch.Tensor:
+    # An expert no calibration token reached has no activation norms: rank its weights by magnitude.
+    norm = m.stats.col_norm.to(m.weight.device) if m.stats.n_rows else torch.ones(m.weight.shape[1], device=m.weight.device)
+    return m.weight.abs().float() * norm[None, :]
+
+
 @register_pass(WandaConfig)
 @torch.no_grad()
 def _wanda(model, cfg: WandaConfig, ctx: PassContext) -> dict:
@@ -112,24 +131,12 @@ def _wanda(model, cfg: WandaConfig, ctx: PassContext) -> dict:
     if cfg.scope == "global":
         # One threshold over all layers: scores from the dense model in one walk, then prune.
         mats_all, scores = [], []
-        for _i, layer, inputs, kwargs in progress_bar(walk_layers(model, ctx.tokens), "wanda scores",
-                                                       show=ctx.show_progress, total=len(decoder_layers(model))):
-            mats = layer_matrices(layer)
-            hooks = _attach_stats(layer, mats, hessian=False)
-            run_layer(layer, inputs, kwargs)
-            for h in hooks:
-                h.remove()
+        for mats in _calibrated_layers(model, ctx, "wanda scores", hessian=False):
             mats_all += mats
-            scores += [m.weight.abs().float() * m.stats.col_norm.to(m.weight.device)[None, :] for m in mats]
+            scores += [_wanda_scores(m) for m in mats]
         _apply(mats_all, global_keep_masks(scores, cfg.sparsity))
         return _sparsity_stats(model)
-    for _i, layer, inputs, kwargs in progress_bar(walk_layers(model, ctx.tokens), "wanda", show=ctx.show_progress,
-                                                   total=len(decoder_layers(model))):
-        mats = layer_matrices(layer)
-        hooks = _attach_stats(layer, mats, hessian=False)
-        run_layer(layer, inputs, kwargs)
-        for h in hooks:
-            h.remove()
+    for mats in _calibrated_layers(model, ctx, "wanda", hessian=False):
         _apply(mats, [wanda_mask(m.weight, m.stats.col_norm.to(m.weight.device), cfg.sparsity, cfg.nm)
                       if m.stats.n_rows else magnitude_mask(m.weight, cfg.sparsity, cfg.nm) for m in mats])
     return _sparsity_stats(model)
@@ -139,13 +146,7 @@ def _wanda(model, cfg: WandaConfig, ctx: PassContext) -> dict:
 @torch.no_grad()
 def _sparsegpt(model, cfg: SparseGPTConfig, ctx: PassContext) -> dict:
     _check_nm(model, cfg.nm)
-    for _i, layer, inputs, kwargs in progress_bar(walk_layers(model, ctx.tokens), "sparsegpt",
-                                                   show=ctx.show_progress, total=len(decoder_layers(model))):
-        mats = layer_matrices(layer)
-        hooks = _attach_stats(layer, mats, hessian=True)
-        run_layer(layer, inputs, kwargs)
-        for h in hooks:
-            h.remove()
+    for mats in _calibrated_layers(model, ctx, "sparsegpt", hessian=True):
         for m in mats:
             if m.stats.n_rows:
                 sparsegpt_prune_(m.weight, m.stats.hessian_matrix.to(m.weight.device), cfg.sparsity, cfg.nm,

@@ -177,6 +177,12 @@ def _scores(model, cfg, ctx: PassContext, **kw) -> dict:
     return activation_importance(model, ctx.tokens, show_progress=ctx.show_progress, **kw)
 
 
+def _dense_only(model, what: str) -> None:
+    if is_moe(model):
+        raise UnsupportedModelError(f"{what} of mixture-of-experts models is not supported",
+                                    "prune heads or layers, or use unstructured pruning on MoE models")
+
+
 def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -193,16 +199,14 @@ def _prune_heads(model, cfg: HeadPruneConfig, ctx: PassContext) -> dict:
     groups = nq // nkv
     if cfg.unit == "kv_group":
         # A group's importance is the sum of its query heads'.
-        units = [s.view(nkv, groups).sum(1) for s in scores]
-        per_unit, total_units = 1, nkv
+        units, total_units = [s.view(nkv, groups).sum(1) for s in scores], nkv
     else:
-        units = [s.view(nkv, groups) for s in scores]  # rank query heads within their group
-        per_unit, total_units = nkv, groups
+        units, total_units = [s.view(nkv, groups) for s in scores], groups  # ranked within their group
     n_remove = round(cfg.ratio * total_units)
     if n_remove < 1 or n_remove >= total_units:
         raise ConfigError(f"removing {cfg.ratio:.0%} of {'KV groups' if cfg.unit == 'kv_group' else 'query heads per group'} "
                           f"rounds to {n_remove} of {total_units}", "choose a ratio that removes at least one and keeps one")
-    removed = _choose(units, n_remove, cfg.scope, total_units)
+    removed = _choose(units, n_remove, cfg.scope)
     for layer, rm in zip(layers, removed):
         if cfg.unit == "kv_group":
             keep_kv = [g for g in range(nkv) if g not in rm]
@@ -215,7 +219,7 @@ def _prune_heads(model, cfg: HeadPruneConfig, ctx: PassContext) -> dict:
     return {"params_before": before, "params_after": _params(model)}
 
 
-def _choose(units: list[torch.Tensor], n_remove: int, scope: str, total: int) -> list[set]:
+def _choose(units: list[torch.Tensor], n_remove: int, scope: str) -> list[set]:
     """Per layer, the units to remove. units[l] is (nkv,) for groups or (nkv, groups) for query heads
     (ranked within each group, the same count removed from every group). 'global' ranks across layers
     at the same total, keeping at least one unit per layer."""
@@ -242,9 +246,7 @@ def _choose(units: list[torch.Tensor], n_remove: int, scope: str, total: int) ->
 
 @register_pass(MlpPruneConfig)
 def _prune_mlp(model, cfg: MlpPruneConfig, ctx: PassContext) -> dict:
-    if is_moe(model):
-        raise UnsupportedModelError("structured MLP pruning of mixture-of-experts layers is not supported",
-                                    "prune heads or layers, or use unstructured pruning on MoE models")
+    _dense_only(model, "structured MLP pruning")
     before = _params(model)
     scores = _scores(model, cfg, ctx, heads=False)["mlp"]
     layers = decoder_layers(model)
@@ -297,9 +299,7 @@ def width_params(model, hidden: int, inter: int) -> int:
 
 @register_pass(WidthPruneConfig)
 def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
-    if is_moe(model):
-        raise UnsupportedModelError("width pruning of mixture-of-experts models is not supported",
-                                    "prune heads or layers, or use unstructured pruning on MoE models")
+    _dense_only(model, "width pruning")
     before = _params(model)
     hidden, inter = model.config.hidden_size, decoder_layers(model)[0].mlp.down_proj.in_features
     if cfg.target_params >= before:
