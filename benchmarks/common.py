@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: machine description and JSON results under benchmarks/results/."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -45,3 +46,19 @@ def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2) + "\n")
     return path
+
+
+def reference_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every benchmark on the reference model shares: model, text, tokens, threads."""
+    ap.add_argument("--model", default=str(SHARED / "models" / "small"))
+    ap.add_argument("--text", default=str(SHARED / "corpus" / "test.txt"))
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def parse_reference_args(ap: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the shared and the script's own options and apply --threads."""
+    args = reference_args(ap).parse_args()
+    torch.set_num_threads(args.threads)
+    return args

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from common import SHARED, write_result
+from common import parse_reference_args, write_result
 
 
 def plain_transformers_ppl(model_dir: str, text: str, n_tokens: int, ctx: int) -> float:
@@ -37,13 +37,8 @@ def plain_transformers_ppl(model_dir: str, text: str, n_tokens: int, ctx: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(SHARED / "models" / "small"))
-    ap.add_argument("--text", default=str(SHARED / "corpus" / "test.txt"))
-    ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_reference_args(ap)
 
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pocketlm.cli", "eval", args.model, "--text", args.text, "--tokens",

@@ -25,7 +25,7 @@ import pocketlm
 from pocketlm.compress import (HeadPruneConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig, SparseGPTConfig,
                                WandaConfig, WidthPruneConfig, compress_)
 from pocketlm.eval.efficiency import decode_tok_s, prefill_ms
-from common import SHARED, write_result
+from common import parse_reference_args, write_result
 
 
 def params(model) -> int:
@@ -71,13 +71,8 @@ def heads_and_mlp(base, tok, fraction: float, calib: dict) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=str(SHARED / "models" / "small"))
-    ap.add_argument("--text", default=str(SHARED / "corpus" / "test.txt"))
-    ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--calib-samples", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_reference_args(ap)
     t_start = time.perf_counter()
     calib = dict(calib_samples=args.calib_samples, calib_len=512, show_progress=False)
     quality = pocketlm.EvalProtocol(text=args.text, tokens=args.tokens, speed=False)
