@@ -167,3 +167,10 @@ def test_dropping_layers_after_global_pruning_keeps_shapes_consistent(tmp_path, 
     reloaded, _ = pocketlm.load(tmp_path / "art")
     assert [k for k in ("prune_mlp", "prune_layers")] == [r["kind"] for r in reloaded.pocketlm_record["recipe"]]
     assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_head_pruning_after_uneven_heads_is_refused(tiny_copy):
+    model, tok = tiny_copy
+    prune_heads_(model.model.layers[0].self_attn, keep_q=[0, 2], keep_kv=[0, 1])
+    with pytest.raises(ConfigError, match="same head counts"):
+        compress_(model, HeadPruneConfig(ratio=0.5), tok=tok, **CALIB)

@@ -196,6 +196,9 @@ def _prune_heads(model, cfg: HeadPruneConfig, ctx: PassContext) -> dict:
     scores = _scores(model, cfg, ctx, mlp=False)["heads"]
     layers = decoder_layers(model)
     nq, nkv = n_heads(layers[0].self_attn)
+    if any(n_heads(layer.self_attn) != (nq, nkv) for layer in layers):
+        raise ConfigError("head pruning needs the same head counts in every layer, and an earlier global pass made them differ",
+                          "prune heads once, or with scope layer before any global head pruning")
     groups = nq // nkv
     if cfg.unit == "kv_group":
         # A group's importance is the sum of its query heads'.
