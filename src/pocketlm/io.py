@@ -269,20 +269,37 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False, protect: tuple[P
         shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a file through a temporary name in the same directory, then rename it into place."""
+@contextlib.contextmanager
+def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it is renamed into place when the block succeeds."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a file through a temporary name in the same directory, then rename it into place."""
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path).expanduser()
+
+
+def _own_storage_state_dict(model) -> dict[str, torch.Tensor]:
+    """The state dict with every tensor owning its storage: the runtime packs q/k/v (and gate/up)
+    weights into one buffer and leaves views in the modules; safetensors needs them apart."""
+    def own(t: torch.Tensor) -> torch.Tensor:
+        whole = t.is_contiguous() and t.storage_offset() == 0 and \
+            t.untyped_storage().nbytes() == t.numel() * t.element_size()
+        return t if whole else t.clone(memory_format=torch.contiguous_format)
+    return {k: own(t) for k, t in model.state_dict().items()}
 
 
 def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None,
@@ -313,7 +330,7 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
     }
     _quiet_transformers()
     with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=_own_storage_state_dict(model))
         tok.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return Path(out)

@@ -1,0 +1,267 @@
+"""The generation engine: `generate_step` (token ids) → `stream_generate` (GenerationResponse) → `generate` (text).
+
+Prefill runs once over the (left-padded) prompts; each decode step is one call of `decode_one_token`,
+eager or compiled with torch.compile (CPU: inductor C++; CUDA: CUDA graphs via mode 'reduce-overhead').
+The compiled step sees static shapes: the cache length is rounded up to CACHE_STEP slots, so a
+handful of compiled variants serve all request sizes, and inductor's on-disk cache keeps them across runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import types
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import ConfigError, DataError
+from .cache import StaticCache
+from .model import FastDecoder
+from .sampling import SamplingConfig, sample
+
+CACHE_STEP = 256
+
+
+@dataclasses.dataclass
+class GenerationResponse:
+    """One generated token of one request, with the text it completes and the running timings."""
+
+    text: str                 # new text since the previous response (may be '' while a character is incomplete)
+    token: int
+    logprob: float            # log-probability of `token` under the model (before sampling filters)
+    prompt_tokens: int
+    prompt_tps: float         # prefill tokens/s
+    generation_tokens: int
+    generation_tps: float     # decode tokens/s so far (first token excluded: it comes with the prefill)
+    finish_reason: str | None = None  # 'stop' (stop token or string), 'length', or None while running
+    mode: str | None = None   # which runtime mode produced it (set by the dual-system runtime)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+class Generator:
+    """Runs a loaded HF causal LM with a static KV cache.
+
+    compile: False runs eagerly; True compiles the decode step (compile time is reported apart, in
+    `compile_s`). max_context defaults to the model's `max_position_embeddings`.
+    """
+
+    def __init__(self, model, tokenizer, *, compile: bool = False, max_context: int | None = None):
+        cfg = model.config
+        self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", 2048))
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.decoder = FastDecoder(model, self.max_context)
+        self.compiled = compile
+        self.compile_s: float = 0.0  # seconds spent compiling, apart from generation time
+        self._steps: dict[tuple[int, int], Callable] = {}  # (batch, cache length) → compiled decode step
+        self._caches: dict[tuple[int, int], StaticCache] = {}
+        window = [layer.window for layer in self.decoder.layers if layer.window]
+        self.window = min(window) if window else None
+        self.stop_tokens = _stop_tokens(model, tokenizer)
+
+    # ---- token level -------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate_step(self, prompts: Sequence[Sequence[int]], max_tokens: int,
+                      sampling: SamplingConfig = SamplingConfig(), stop_tokens: set[int] | None = None
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (tokens (B,), logprobs (B,)) for each new position of every prompt (left-padded batch).
+
+        Stops after `max_tokens` steps or when every row has produced a stop token (rows that are done
+        keep decoding until then; callers ignore what follows their stop)."""
+        B, P = self._check(prompts, max_tokens)
+        stop = self.stop_tokens if stop_tokens is None else stop_tokens
+        dev = self.decoder.device
+        pads = torch.tensor([P - len(p) for p in prompts], device=dev)
+        ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=dev)  # (B, P)
+        cache_len = _round_up(P + max_tokens, CACHE_STEP) if self.compiled else P + max_tokens
+        cache = self._cache(B, min(cache_len, self.max_context))
+        slots = torch.arange(P, device=dev)
+        cache.valid[:, :P] = slots[None] >= pads[:, None]
+        positions = (slots[None] - pads[:, None]).clamp(min=0)  # (B, P) rope positions
+        padded = bool(pads.any())
+        mask = _prefill_mask(cache.valid[:, :P]) if padded else None
+        logits = self.decoder(ids, positions, slots, cache, mask, P)
+        cache.length = P
+        gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
+        history = ids if sampling.repetition_penalty != 1.0 else None
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        stop_ids = torch.tensor(sorted(stop), device=dev, dtype=torch.long) if stop else None
+        for step in range(max_tokens):
+            tokens, logprobs = sample(logits, sampling, history, gen)
+            yield tokens, logprobs
+            if stop_ids is not None:
+                done |= torch.isin(tokens, stop_ids)
+                if bool(done.all()):
+                    return
+            if step == max_tokens - 1:
+                return
+            if history is not None:
+                history = torch.cat([history, tokens[:, None]], dim=1)
+            slot = cache.length
+            cache.valid[:, slot] = True
+            pos = (slot - pads)[:, None]
+            logits = self._decode(tokens[:, None], pos, slot, cache, padded)
+            cache.length += 1
+
+    def _cache(self, batch: int, length: int) -> StaticCache:
+        """The compiled steps keep their cache (one per shape, reused); eager runs get a fresh one."""
+        if not self.compiled:
+            return self.decoder.new_cache(batch, length)
+        cache = self._caches.get((batch, length))
+        if cache is None:
+            cache = self._caches[(batch, length)] = self.decoder.new_cache(batch, length)
+        cache.valid.zero_()
+        return cache
+
+    def _decode(self, tokens, pos, slot: int, cache, padded: bool) -> torch.Tensor:
+        slots = torch.tensor([slot], device=tokens.device)
+        if not self.compiled:
+            kv = slot + 1
+            mask = cache.valid[:, None, None, :kv] if padded else None
+            return self.decoder(tokens, pos, slots, cache, mask, kv)
+        key = (cache.batch, cache.max_len)
+        step = self._steps.get(key)
+        if step is None:  # the first call of a shape compiles it
+            t0 = time.perf_counter()
+            step = self._steps[key] = self._compile(cache)
+            out = step(tokens, pos, slots)
+            self.compile_s += time.perf_counter() - t0
+            return out
+        return step(tokens, pos, slots)
+
+    def _compile(self, cache: StaticCache) -> Callable:
+        """decode_one_token for one cache, compiled with static shapes: it attends over every slot, the
+        cache's `valid` mask hides empty and padded ones. The step owns its cache and nothing it reads
+        changes shape, so dynamo's per-call guard checks (slower than the step's arithmetic on small
+        models) are dropped."""
+        mask = cache.valid[:, None, None, :]
+
+        def decode_one_token(tokens, pos, slots):
+            return self.decoder(tokens, pos, slots, cache, mask, cache.max_len)
+        return torch.compile(_own_code(decode_one_token), dynamic=False, options={
+            "guard_filter_fn": torch.compiler.skip_all_guards_unsafe, **_compile_options(self.decoder.device)})
+
+    def _check(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> tuple[int, int]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise DataError("a prompt has no tokens", "give a non-empty prompt")
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens {max_tokens} is below 1", "ask for at least one new token")
+        P = max(len(p) for p in prompts)
+        if P + max_tokens > self.max_context:
+            raise ConfigError(f"{P} prompt tokens + {max_tokens} new tokens exceed the context of "
+                              f"{self.max_context}", "shorten the prompt or lower max_tokens")
+        if self.window is not None and P + max_tokens > self.window:
+            raise ConfigError(f"{P + max_tokens} tokens exceed the sliding window of {self.window}, which the "
+                              "fast runtime does not apply", f"keep prompt + new tokens ≤ {self.window}")
+        return len(prompts), P
+
+    # ---- text level --------------------------------------------------------------------------
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def stream_generate(self, prompt: str | Sequence[int], max_tokens: int = 256,
+                        sampling: SamplingConfig = SamplingConfig(),
+                        stop_strings: Sequence[str] = ()) -> Iterator[GenerationResponse]:
+        """Yield a GenerationResponse per generated token of one prompt; the last has a finish_reason."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        text = _TextStream(self.tokenizer, stop_strings)
+        t0 = time.perf_counter()
+        prompt_tps, t_first = 0.0, t0
+        for n, (tok, lp) in enumerate(self.generate_step([ids], max_tokens, sampling), start=1):
+            now = time.perf_counter()
+            if n == 1:
+                t_first, prompt_tps = now, len(ids) / max(now - t0, 1e-9)
+            token = int(tok[0])
+            finish = "stop" if token in self.stop_tokens else None
+            segment = text.add(token if finish is None else None)
+            if text.stopped:
+                finish = "stop"
+            elif finish is None and n == max_tokens:
+                finish = "length"
+            if finish is not None:
+                segment += text.flush()
+            gen_tps = (n - 1) / (now - t_first) if n > 1 else 0.0
+            yield GenerationResponse(segment, token, float(lp[0]), len(ids), prompt_tps, n, gen_tps, finish)
+            if finish is not None:
+                return
+
+    def generate(self, prompts: str | Sequence[str], max_tokens: int = 256,
+                 sampling: SamplingConfig = SamplingConfig(), stop_strings: Sequence[str] = ()) -> str | list[str]:
+        """The completion of one prompt (str), or of each prompt of a list (decoded as one left-padded batch)."""
+        if isinstance(prompts, str):
+            return "".join(r.text for r in self.stream_generate(prompts, max_tokens, sampling, stop_strings))
+        encoded = [self.encode(p) for p in prompts]
+        rows: list[list[int]] = [[] for _ in encoded]
+        finished = [False] * len(encoded)
+        for tokens, _ in self.generate_step(encoded, max_tokens, sampling):
+            for r, t in enumerate(tokens.tolist()):
+                if not finished[r]:
+                    finished[r] = t in self.stop_tokens
+                    if not finished[r]:
+                        rows[r].append(t)
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
+        return [_cut_at_stop(t, stop_strings) for t in texts]
+
+
+class _TextStream:
+    """Incremental detokenization that holds back an incomplete character or a possible stop-string start."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.text, self.sent, self.stopped = "", 0, False
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def add(self, token: int | None) -> str:
+        if token is None or self.stopped:
+            return ""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""  # a multi-byte character is not complete yet
+        cut = _cut_at_stop(text, self.stops)
+        if len(cut) < len(text):
+            self.stopped = True
+        self.text = cut
+        upto = len(cut) if self.stopped else max(self.sent, len(cut) - self.hold)
+        segment, self.sent = cut[self.sent:upto], upto
+        return segment
+
+    def flush(self) -> str:
+        segment, self.sent = self.text[self.sent:], len(self.text)
+        return segment
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return text[:min(hits)] if hits else text
+
+
+def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """valid (B, P) → (B, 1, P, P) causal mask over real keys; a padded query sees itself (no empty rows)."""
+    P = valid.shape[1]
+    causal = torch.ones(P, P, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(P, dtype=torch.bool, device=valid.device)
+    return (causal[None] & valid[:, None, :] | eye[None])[:, None]
+
+
+def _stop_tokens(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = getattr(tokenizer, "eos_token_id", None)
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+
+def _own_code(fn: Callable) -> Callable:
+    """`fn` with a code object of its own. Dynamo keeps compiled code per code object; with its guards
+    dropped, steps of other shapes, caches or models must never find this one's."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _compile_options(device: torch.device) -> dict:
+    # CUDA: replay the step as a CUDA graph; CPU: a C++ wrapper instead of Python around the kernels.
+    return {"triton.cudagraphs": True} if device.type == "cuda" else {"cpp_wrapper": True}
