@@ -2,7 +2,7 @@
 
 - 50% unstructured and 2:4: magnitude, Wanda, SparseGPT; Δppl and each method's Δppl ÷ magnitude's.
 - Structured, 25% and 50% of parameters removed, (a) query heads + MLP channels, (b) Minitron width:
-  weights MB, prefill latency (compute-bound) and decode time per token (transformers.generate,
+  weights MB, prefill latency (compute-bound) and decode time per token (pocketlm's engine, compiled,
   batch 1) as ratios to the dense model, timed alternately with it; ppl before recovery.
 - Depth: drop 2 of 8 layers by Block Influence vs the last 2.
 - Every artifact is saved, reloaded with pocketlm.load, and its logits compared with the in-memory model.
@@ -25,6 +25,7 @@ import pocketlm
 from pocketlm.compress import (HeadPruneConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig, SparseGPTConfig,
                                WandaConfig, WidthPruneConfig, compress_)
 from pocketlm.eval.efficiency import decode_tok_s, prefill_ms
+from pocketlm.runtime import Generator
 from common import parse_reference_args, write_result
 
 
@@ -41,15 +42,16 @@ def reloads_identically(model, tok, tmp: str, name: str) -> bool:
         return torch.equal(again(x).logits, model(x).logits)
 
 
-def paired_speed(base, model, tokens: torch.Tensor, rounds: int = 5) -> dict:
-    """Prefill (512 tokens) and batch-1 decode (transformers.generate, 128 tokens) of the pruned model
-    against the dense one, alternated A B A B within each round; medians of the per-round ratios, so
-    machine drift cancels."""
+def paired_speed(base, model, tok, tokens: torch.Tensor, rounds: int = 5) -> dict:
+    """Prefill (512 tokens) and batch-1 decode (pocketlm's engine, compiled decode step, 128 tokens) of
+    the pruned model against the dense one, alternated A B A B within each round; medians of the
+    per-round ratios, so machine drift cancels."""
+    runners = [Generator(copy.deepcopy(m), tok, compile=True) for m in (base, model)]  # the engine packs weights
     prefill, decode = [], []
     for _ in range(rounds):
-        p = [prefill_ms(m, tokens, length=512, warmup=1, repeats=3) for m in (base, model)]
-        d = [decode_tok_s(m, tokens, batch=1, prompt_len=32, new_tokens=128, warmup=1, repeats=3)[0]
-             for m in (base, model)]
+        p = [prefill_ms(r, tokens, length=512, warmup=1, repeats=3) for r in runners]
+        d = [decode_tok_s(r, tokens, batch=1, prompt_len=32, new_tokens=128, warmup=1, repeats=3)[0]
+             for r in runners]
         prefill.append(p[1] / p[0])
         decode.append(d[0] / d[1])  # decode time per token, pruned / dense
     return {"prefill_ratio": statistics.median(prefill), "decode_time_ratio": statistics.median(decode),
@@ -90,7 +92,7 @@ def main() -> None:
                "weights_mb": report.efficiency["weights_mb"], "reloads_identically": reloads_identically(model, tok, tmp, name),
                "recipe": applied, **extra}
         if with_speed:
-            row.update(paired_speed(base, model, speed_tokens),
+            row.update(paired_speed(base, model, tok, speed_tokens),
                        weights_ratio=report.efficiency["weights_mb"] / dense.efficiency["weights_mb"])
         rows.append(row)
         console.print(f"{name}: ppl {ppl:.3f} (Δ {row['delta_pct']:+.2f}%), params {row['params_ratio']:.3f}×")
@@ -139,7 +141,7 @@ def main() -> None:
     path = write_result("prune_small", {
         "model": args.model, "text": args.text, "tokens": args.tokens, "calib_samples": args.calib_samples,
         "dense": {"ppl": dense_ppl, "params": params(base), "weights_mb": dense.efficiency["weights_mb"]},
-        "speed_engine": "transformers.generate (batch 1, greedy, 32-token prompt, 128 new tokens); prefill: one "
+        "speed_engine": "pocketlm engine, compiled decode step (batch 1, greedy, 32-token prompt, 128 new tokens); prefill: one "
                         "forward of 512 tokens; ratios pruned/dense, alternated within rounds, median of 5 rounds",
         "rows": rows, "checks": checks, "wall_s": time.perf_counter() - t_start})
     print(f"wrote {path}")

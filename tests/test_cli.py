@@ -212,3 +212,42 @@ def test_compress_refuses_to_write_into_its_input(tmp_path, capsys):
     src = model_copy(tmp_path)
     assert_bad_input(["compress", str(src), "-o", str(src / "pruned"), "--prune", "magnitude", "--overwrite"],
                      capsys, tmp_path, "input model")
+
+
+def test_generate_prints_the_greedy_completion(capsys):
+    from pocketlm import load
+    from pocketlm.runtime import Generator
+    code, out, err = run(["generate", "tiny", "And God said", "--max-tokens", "12"], capsys)
+    assert code == 0, err
+    assert out.rstrip("\n") == Generator(*load("tiny")).generate("And God said", 12)
+    assert "generated 12 tokens" in err
+
+
+def test_generate_streams_and_stops_at_a_string(capsys):
+    code, out, err = run(["generate", "tiny", "And God said", "--max-tokens", "40", "--stream", "--stop", ","],
+                         capsys)
+    assert code == 0 and "," not in out and "finish: stop" in err
+
+
+def test_bench_writes_json_with_ratios(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    code, out, err = run(["bench", "tiny", "--eager", "--transformers", "--repeats", "1", "--batch-sizes", "1,2",
+                          "--new-tokens", "8", "--prefill-tokens", "64", "--json", str(out_json)], capsys)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    engines = [r["engine"] for r in result["rows"]]
+    assert engines == ["pocketlm (eager)", "transformers.generate"]
+    assert set(result["speedup_vs_transformers"]) == {"1", "2"} and result["compile_s"] is None
+    assert "speed-up" in out
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "tiny", "x", "--max-tokens", "4000"], "exceed the context"),
+    (["generate", "tiny", "x", "--temperature", "-1"], "temperature"),
+    (["generate", "tiny", "", "--max-tokens", "3"], "no tokens"),
+    (["bench", "tiny", "--batch-sizes", "0"], "batch sizes"),
+    (["bench", "tiny", "--new-tokens", "3000"], "context"),
+    (["generate", "tiny", "x", "--threads", "0"], "--threads"),
+])
+def test_generate_and_bench_bad_input(argv, needle, capsys, tmp_path):
+    assert_bad_input(argv, capsys, tmp_path, needle)

@@ -42,6 +42,8 @@ def eval_cmd(
     batch_sizes: str = typer.Option("1,8", help="Decode batch sizes, comma-separated."),
     repeats: int = typer.Option(5, help="Timed repeats (the median is reported)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+    engine: str = typer.Option("pocketlm", help="Engine timed for speed: pocketlm or transformers."),
+    compile: bool = typer.Option(False, "--compile", help="Compile the engine's decode step (time reported apart)."),
     watts_per_core: float = typer.Option(10.0, help="Watts per busy core for the energy estimate."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -56,12 +58,104 @@ def eval_cmd(
     protocol = EvalProtocol(text=str(text) if text else None, tokens=tokens, ctx=ctx,
                             tasks=str(tasks) if tasks else None, task_limit=task_limit, task_thinking=thinking,
                             speed=not no_speed, decode_batch_sizes=_batch_sizes(batch_sizes), repeats=repeats,
-                            threads=threads, watts_per_core=watts_per_core)
+                            threads=threads, engine=engine, compile=compile, watts_per_core=watts_per_core)
     m, tok = load(model, dtype=dtype, device=device)
     report = evaluate(m, tok, protocol, baseline=baseline, baseline_dtype=baseline_dtype, label=label)
     out.print(render_table([report.to_dict()]))
     if json_out:
         report.save(json_out)
+        out.print(f"wrote {json_out}")
+
+
+def _threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise ConfigError(f"--threads {threads} is below 1", "use 1 or more, or leave it unset for all cores")
+        import torch
+        torch.set_num_threads(threads)
+
+
+@app.command("generate")
+def generate_cmd(
+    model: str = typer.Argument(..., help="Model directory, embedded name or cached hub id."),
+    prompt: str = typer.Argument(..., help="Prompt text (used as is, no chat template)."),
+    max_tokens: int = typer.Option(128, help="Most new tokens."),
+    temperature: float = typer.Option(0.0, help="0 = greedy; above 0 samples."),
+    top_k: int = typer.Option(0, help="Sample among the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1 = off)."),
+    repetition_penalty: float = typer.Option(1.0, help="Penalty on tokens already present (1 = off)."),
+    seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
+    stop: list[str] = typer.Option([], help="Stop string (repeatable); the text ends before it."),
+    stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
+    compile: bool = typer.Option(False, "--compile", help="Compile the decode step first (pays off on long outputs)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+):
+    """Generate text from a prompt with pocketlm's engine (static KV cache, optional compiled decode)."""
+    from .io import load
+    from .runtime import Generator, SamplingConfig
+
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    _threads(threads)
+    m, tok = load(model, dtype=dtype, device=device)
+    gen = Generator(m, tok, compile=compile)
+    pieces, last = [], None
+    for last in gen.stream_generate(prompt, max_tokens, sampling, stop_strings=stop):
+        pieces.append(last.text)
+        if stream:
+            print(last.text, end="", flush=True)
+    print("" if stream else "".join(pieces))
+    Console(stderr=True).print(f"[dim]prompt {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s · generated "
+                               f"{last.generation_tokens} tokens, {last.generation_tps:.1f} tok/s · "
+                               f"finish: {last.finish_reason}"
+                               + (f" · compile {gen.compile_s:.1f} s" if compile else "") + "[/dim]")
+
+
+@app.command("bench")
+def bench_cmd(
+    model: str = typer.Argument(..., help="Model directory, embedded name or cached hub id."),
+    batch_sizes: str = typer.Option("1,8", help="Decode batch sizes, comma-separated."),
+    prompt_tokens: int = typer.Option(32, help="Prompt length for decode runs."),
+    new_tokens: int = typer.Option(128, help="New tokens per decode run (forced)."),
+    prefill_tokens: int = typer.Option(512, help="Prompt length for the prefill timing."),
+    repeats: int = typer.Option(5, help="Timed repeats (the median is reported)."),
+    eager: bool = typer.Option(False, "--eager", help="Do not compile the decode step."),
+    transformers: bool = typer.Option(False, "--transformers", help="Also time transformers' generate; print ratios."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results JSON here."),
+):
+    """Prefill latency and decode tokens/s of the engine at each batch size (table + JSON)."""
+    import json
+
+    from rich.table import Table
+
+    from .io import atomic_write_text, load
+    from .runtime.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(batch_sizes=_batch_sizes(batch_sizes), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                      prefill_tokens=prefill_tokens, repeats=repeats, compile=not eager, transformers=transformers)
+    _threads(threads)
+    m, tok = load(model, dtype=dtype, device=device)
+    result = run_bench(m, tok, cfg)
+    result["model"] = model
+    table = Table(title=f"pocketlm bench {model} ({dtype}, {result['threads']} threads)")
+    table.add_column("engine")
+    table.add_column(f"prefill {prefill_tokens} ms", justify="right")
+    for b in cfg.batch_sizes:
+        table.add_column(f"decode tok/s b{b}", justify="right")
+    for row in result["rows"]:
+        table.add_row(row["engine"], f"{row['prefill_ms']:.1f}", *[f"{row['decode_tok_s'][str(b)]:.1f}" for b in cfg.batch_sizes])
+    if transformers:
+        table.add_row("speed-up", "", *[f"{result['speedup_vs_transformers'][str(b)]:.2f}×" for b in cfg.batch_sizes])
+    out.print(table)
+    if result["compile_s"] is not None:
+        out.print(f"compile time (apart from the numbers above): {result['compile_s']:.1f} s")
+    if json_out:
+        atomic_write_text(json_out, json.dumps(result, indent=2) + "\n")
         out.print(f"wrote {json_out}")
 
 

@@ -295,10 +295,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def _own_storage_state_dict(model) -> dict[str, torch.Tensor]:
     """The state dict with every tensor owning its storage: the runtime packs q/k/v (and gate/up)
     weights into one buffer and leaves views in the modules; safetensors needs them apart."""
+    copies: dict[tuple, torch.Tensor] = {}  # by memory: tied weights stay one tensor
+
     def own(t: torch.Tensor) -> torch.Tensor:
         whole = t.is_contiguous() and t.storage_offset() == 0 and \
             t.untyped_storage().nbytes() == t.numel() * t.element_size()
-        return t if whole else t.clone(memory_format=torch.contiguous_format)
+        if whole:
+            return t
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key not in copies:
+            copies[key] = t.clone(memory_format=torch.contiguous_format)
+        return copies[key]
     return {k: own(t) for k, t in model.state_dict().items()}
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import pocketlm
+from pocketlm.runtime import Generator
 from pocketlm.eval.efficiency import decode_tok_s, disk_bytes, measure_efficiency, weight_bytes
 from pocketlm.eval.energy import CpuTimeEstimate
 from pocketlm.eval.protocol import EvalProtocol
@@ -34,7 +35,8 @@ def test_disk_bytes_is_the_safetensors_file():
 def test_speed_fields_and_estimated_energy(tiny):
     model, tok = tiny
     windows = torch.randint(0, 8192, (1, 512))
-    eff, energy = measure_efficiency(model, windows, QUICK, show_progress=False)
+    eff, energy = measure_efficiency(model, tok, windows, QUICK, show_progress=False)
+    assert eff["engine"] == "pocketlm (eager)" and eff["compile_s"] is None
     assert set(eff["decode_tok_s_batch"]) == {"1", "2"}
     assert eff["decode_tok_s"] == eff["decode_tok_s_batch"]["1"] > 0
     assert eff["prefill_ms"] > 0 and eff["peak_rss_mb"] > eff["weights_mb"]
@@ -45,7 +47,7 @@ def test_speed_fields_and_estimated_energy(tiny):
 
 
 def test_no_speed_skips_timing(tiny):
-    eff, energy = measure_efficiency(tiny[0], torch.zeros(1, 512, dtype=torch.long),
+    eff, energy = measure_efficiency(*tiny, torch.zeros(1, 512, dtype=torch.long),
                                      QUICK.replace(speed=False), show_progress=False)
     assert eff["decode_tok_s"] is None and eff["prefill_ms"] is None and energy is None
     assert eff["weights_mb"] > 0
@@ -65,3 +67,28 @@ def test_decode_generates_forced_length(tiny, monkeypatch):
                                  warmup=1, repeats=2, meter=CpuTimeEstimate(5.0))
     assert lengths == [1, 12] * 3  # warm-up pair + two timed pairs, eos never stops it early
     assert rate > 0 and reading["tokens"] == 2 * 2 * 13
+
+
+def test_engine_decode_generates_forced_length(tiny):
+    model, tok = tiny
+    gen = Generator(model, tok)
+    gen.stop_tokens = set(range(8192))  # every token is a stop token: the timing must ignore them
+    steps = []
+    real = gen.generate_step
+
+    def spy(*args, **kwargs):
+        n = 0
+        for out in real(*args, **kwargs):
+            n += 1
+            yield out
+        steps.append(n)
+    gen.generate_step = spy
+    rate, _ = decode_tok_s(gen, torch.randint(0, 8192, (1, 64)), batch=2, prompt_len=16, new_tokens=12,
+                           warmup=1, repeats=2)
+    assert steps == [1, 12] * 3 and rate > 0
+
+
+def test_transformers_engine_is_named(tiny):
+    eff, _ = measure_efficiency(*tiny, torch.randint(0, 8192, (1, 512)),
+                                QUICK.replace(engine="transformers", decode_batch_sizes=(1,)), show_progress=False)
+    assert eff["engine"] == "transformers.generate" and eff["decode_tok_s"] > 0

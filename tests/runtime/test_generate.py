@@ -198,6 +198,8 @@ def test_packing_keeps_the_model_and_its_saves_unchanged(tmp_path):
     assert pocketlm.eval.efficiency.weight_bytes(model) == size  # no copy kept
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tie intact
     pocketlm.save(model, tok, tmp_path / "art")
+    weights = (tmp_path / "art" / "model.safetensors").stat().st_size
+    assert abs(weights - size) < 64 * 1024  # the tied head is written once, nothing twice
     reloaded, _ = pocketlm.load(tmp_path / "art")
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)

@@ -21,6 +21,9 @@ from .efficiency import measure_efficiency
 from .quality import score_windows, task_accuracy, word_tables
 
 
+ENGINES = ("pocketlm", "transformers")
+
+
 @register_config
 @dataclasses.dataclass(frozen=True)
 class EvalProtocol(BaseConfig):
@@ -39,6 +42,8 @@ class EvalProtocol(BaseConfig):
         prefill_tokens (512) at batch 1; decode at `decode_batch_sizes` (1, 8) from a
         `decode_prompt_tokens` (32) prompt, `decode_new_tokens` (128) forced, greedy; `warmup` (1)
         untimed runs then the median of `repeats` (5). threads: torch CPU threads (None: all cores).
+        engine: 'pocketlm' (the runtime's static-cache engine, default) or 'transformers' (HF generate);
+        compile: compile the engine's decode step (False; compile time is reported apart).
     Energy:
         watts_per_core (10.0): used only by the CPU-time estimate when no counter is readable.
     """
@@ -63,6 +68,8 @@ class EvalProtocol(BaseConfig):
     warmup: int = 1
     repeats: int = 5
     threads: int | None = None
+    engine: str = "pocketlm"
+    compile: bool = False
     watts_per_core: float = 10.0
 
     def validate(self) -> None:
@@ -84,6 +91,7 @@ class EvalProtocol(BaseConfig):
         check(self.repeats >= 1, f"repeats must be at least 1 (got {self.repeats})", "use 1 or more")
         check(self.threads is None or self.threads >= 1, f"threads must be at least 1 (got {self.threads})",
               "use 1 or more, or leave unset for all cores")
+        check(self.engine in ENGINES, f"unknown engine '{self.engine}'", f"use one of: {', '.join(ENGINES)}")
         check(self.watts_per_core > 0, f"watts_per_core must be positive (got {self.watts_per_core})",
               "use the CPU's power per busy core, e.g. 10")
 
@@ -182,7 +190,7 @@ def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=No
         _check_same_tokenizer(tok, base_tok, base_name)
 
     source = getattr(model, "pocketlm_source", None)
-    efficiency, energy = measure_efficiency(model, windows, protocol, source_path=source.path if source else None,
+    efficiency, energy = measure_efficiency(model, tok, windows, protocol, source_path=source.path if source else None,
                                             show_progress=show_progress)
     if baseline is not None and base_model is None:
         base_model, _ = load(baseline, dtype=baseline_dtype, device=str(dev))
