@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .errors import UnsupportedModelError
 from .io import atomic_write_path
@@ -29,6 +28,9 @@ def _check(model) -> None:
     if cfg.model_type not in ("llama", "mistral"):
         raise UnsupportedModelError(f"GGUF export supports llama/mistral models, not {cfg.model_type}",
                                     "export a Llama-architecture model")
+    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+        raise UnsupportedModelError("GGUF export takes the float model; this one is already quantized",
+                                    "export the float model with qtype Q8_0 or Q4_0")
     if getattr(model, "pocketlm_record", {}).get("layer_shapes"):
         raise UnsupportedModelError("GGUF export needs equal layer shapes; this model's layers differ",
                                     "prune with --scope layer for a GGUF-exportable model")

@@ -322,6 +322,10 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         evaluation: an EvalReport dict to store with the artifact.
         overwrite: replace an existing `out` (never the source model).
     """
+    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
+        raise UnsupportedModelError("saving quantized models is not supported yet (quantized artifacts come "
+                                    "with the quantization issue)",
+                                    "keep the quantized model in memory, or save the float model and export GGUF")
     source: ModelSource | None = getattr(model, "pocketlm_source", None)
     protect = (source.path,) if source else ()
     prior = getattr(model, "pocketlm_record", {}) or {}

@@ -204,3 +204,10 @@ def test_packing_keeps_the_model_and_its_saves_unchanged(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
         assert torch.equal(reloaded(x).logits, before)
+
+
+def test_fp16_on_cpu_keeps_its_layout():
+    model, tok = pocketlm.load("tiny", dtype="float16")
+    Generator(model, tok)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.weight.is_contiguous() and model.lm_head.weight.is_contiguous()

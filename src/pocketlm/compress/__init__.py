@@ -3,6 +3,7 @@ from .api import PassConfig, compress_, register_pass
 from .prune.configs import (HeadPruneConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig, SparseGPTConfig,
                             WandaConfig, WidthPruneConfig)
 from .prune import sparsify, structured  # noqa: F401  (registers the pruning handlers)
+from .quant.rtn import RTNConfig
 
 __all__ = ["PassConfig", "compress_", "register_pass", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig",
-           "HeadPruneConfig", "MlpPruneConfig", "LayerDropConfig", "WidthPruneConfig"]
+           "HeadPruneConfig", "MlpPruneConfig", "LayerDropConfig", "WidthPruneConfig", "RTNConfig"]
