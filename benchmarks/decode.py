@@ -64,6 +64,22 @@ def bytes_per_token(model) -> int:
     return total
 
 
+def matmul_floor_ms(cfg) -> float:
+    """Best time (ms) of one batch-1 decode step's matrix products alone, in the engine's packed fp32
+    layout (qkv, o, gate|up, down per layer, then the head): what no framework overhead can beat."""
+    h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes = [(h, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd), (cfg.num_attention_heads * hd, h),
+              (h, 2 * inter), (inter, h)] * cfg.num_hidden_layers + [(h, cfg.vocab_size)]
+    mats = [torch.randn(k, n) for k, n in shapes]
+    xs = {k: torch.randn(1, k) for k, _ in shapes}
+
+    def step():
+        for w in mats:
+            xs[w.shape[0]] @ w
+    step()
+    return min(_timed(lambda: [step() for _ in range(20)]) for _ in range(5)) / 20 * 1000
+
+
 def greedy_identity(name: str, tokens: torch.Tensor, n_prompts: int = 64, new: int = 32) -> dict:
     model, tok = pocketlm.load(name)
     gen = Generator(model, tok)
@@ -152,6 +168,7 @@ def main() -> None:
         return statistics.median(x / y for x, y in zip(rates[name][b], ref))
 
     bw = read_bandwidth_gbs()
+    floor_ms = matmul_floor_ms(model.config)
     bpt = bytes_per_token(model)
     read = {n: bytes_per_token(r.model if isinstance(r, Generator) else r) for n, r in engines.items()}
     read.update({n: os.path.getsize(e.path) for n, e in llama.items()})  # the whole GGUF: weights + head
@@ -186,7 +203,8 @@ def main() -> None:
     console.print(table)
     compile_s = {n: r.compile_s for n, r in engines.items() if isinstance(r, Generator) and r.compiled}
     console.print(f"compile time of the decode step (apart): {compiled.compile_s:.1f} s · read bandwidth {bw:.1f} GB/s · "
-                  f"fp32 weights read per token {bpt / 1e6:.1f} MB → bound {fp32_bound:.0f} tok/s")
+                  f"fp32 weights read per token {bpt / 1e6:.1f} MB → bound {fp32_bound:.0f} tok/s · fp32 matmuls "
+                  f"alone {floor_ms:.2f} ms/token → {1000 / floor_ms:.0f} tok/s")
     for k, v in vs_llama.items():
         console.print(f"{k}: {v:.2f}×")
     console.print(f"{llama_note}")
@@ -197,7 +215,8 @@ def main() -> None:
     path = write_result("decode_small", {
         "model": args.model, "threads": args.threads, "prompt_tokens": PROMPT, "new_tokens": NEW, "rounds": args.rounds,
         "rows": rows, "compile_s": compile_s, "read_bandwidth_gbs": bw, "fp32_bytes_per_token": bpt,
-        "fp32_bandwidth_bound_tok_s": fp32_bound, "vs_llama_cpp": vs_llama, "llama_cpp": llama_note,
+        "fp32_bandwidth_bound_tok_s": fp32_bound,
+        "fp32_matmul_only_ms_per_token": floor_ms, "vs_llama_cpp": vs_llama, "llama_cpp": llama_note,
         "int8_int4": "RTN weight-only (int8 per output channel; int4 asymmetric, groups of 128) on every decoder "
                      "linear and the LM head (untied; the embedding stays fp32 for lookups), bf16 activations in "
                      "torch's packed CPU kernels; llama.cpp's Q8_0/Q4_0 quantize every matrix in blocks of 32",

@@ -211,3 +211,18 @@ def test_fp16_on_cpu_keeps_its_layout():
     Generator(model, tok)
     attn = model.model.layers[0].self_attn
     assert attn.q_proj.weight.is_contiguous() and model.lm_head.weight.is_contiguous()
+
+
+def test_a_second_generator_shares_the_packed_weights(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    Generator(model, tok)
+    attn = model.model.layers[0].self_attn
+    ptr = attn.q_proj.weight.untyped_storage().data_ptr()
+    gen = Generator(model, tok)
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == ptr  # no second copy
+    ids = prompts(tok, 1)[0]
+    assert engine_greedy(gen, ids, 8) == hf_greedy(model, ids, 8)
+    # a module replaced since (structured pruning) is packed afresh
+    pocketlm.compress_(model, MlpPruneConfig(ratio=0.5), tok=tok, calib_samples=4, calib_len=64, show_progress=False)
+    gen = Generator(model, tok)
+    assert engine_greedy(gen, ids, 8) == hf_greedy(model, ids, 8)

@@ -1,7 +1,7 @@
 """The generation engine: `generate_step` (token ids) → `stream_generate` (GenerationResponse) → `generate` (text).
 
 Prefill runs once over the (left-padded) prompts; each decode step is one call of `decode_one_token`,
-eager or compiled with torch.compile (CPU: inductor C++; CUDA: CUDA graphs via mode 'reduce-overhead').
+eager or compiled with torch.compile (CPU: inductor's C++ kernels and wrapper; CUDA: CUDA graphs).
 The compiled step sees static shapes: the cache length is rounded up to CACHE_STEP slots, so a
 handful of compiled variants serve all request sizes, and inductor's on-disk cache keeps them across runs.
 """
@@ -47,7 +47,9 @@ class Generator:
     """Runs a loaded HF causal LM with a static KV cache.
 
     compile: False runs eagerly; True compiles the decode step (compile time is reported apart, in
-    `compile_s`). max_context defaults to the model's `max_position_embeddings`.
+    `compile_s`). max_context defaults to the model's `max_position_embeddings`. Building a Generator
+    packs the model's plain q/k/v and gate/up weights in place (same values, same memory). One
+    request runs at a time: compiled steps reuse their cache.
     """
 
     def __init__(self, model, tokenizer, *, compile: bool = False, max_context: int | None = None):
@@ -59,7 +61,7 @@ class Generator:
         if compile:  # compiled kernels persist across runs here (inductor's default is /tmp)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "pocketlm" / "inductor"))
         self.compile_s: float = 0.0  # seconds spent compiling, apart from generation time
-        self._steps: dict[tuple[int, int], Callable] = {}  # (batch, cache length) → compiled decode step
+        self._steps: dict[tuple[int, int, bool], Callable] = {}  # (batch, cache length, greedy) → compiled step
         self._caches: dict[tuple[int, int], StaticCache] = {}
         window = [layer.window for layer in self.decoder.layers if layer.window]
         self.window = min(window) if window else None

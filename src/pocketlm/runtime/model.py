@@ -35,17 +35,34 @@ def _pack(mods: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor]:
     The weights move into one (in, sum(out)) buffer and each module's weight becomes a view of it
     (its transpose), so the HF model still computes the same thing and no memory is duplicated;
     `x @ Wt` is the faster layout for single-token matmuls on CPU."""
-    packed = torch.cat([m.weight.detach() for m in mods]).t().contiguous()  # (in, sum(out))
-    bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
-    start = 0
-    for m in mods:
-        n = m.out_features
-        m.weight.data = packed[:, start:start + n].t()
-        if bias is not None:
-            m.bias.data = bias[start:start + n]
-        start += n
+    prior = getattr(mods[0], "_pocketlm_packed", None)
+    if prior is not None and _still_views(mods, *prior):  # packed by an earlier Generator: share it
+        packed, bias = prior
+    else:
+        packed = torch.cat([m.weight.detach() for m in mods]).t().contiguous()  # (in, sum(out))
+        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+        start = 0
+        for m in mods:
+            n = m.out_features
+            m.weight.data = packed[:, start:start + n].t()
+            if bias is not None:
+                m.bias.data = bias[start:start + n]
+            start += n
+        mods[0]._pocketlm_packed = (packed, bias)
     return (lambda x: torch.addmm(bias, x.flatten(0, -2), packed).view(*x.shape[:-1], -1)) if bias is not None \
         else (lambda x: x @ packed)
+
+
+def _still_views(mods, packed: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Every module's weight is still its slice of `packed` (not replaced since, e.g. by pruning)."""
+    start = 0
+    for m in mods:
+        w = m.weight
+        if (w.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr() or w.storage_offset() != start
+                or w.shape != (m.out_features, packed.shape[0]) or (bias is None) != (m.bias is None)):
+            return False
+        start += m.out_features
+    return start == packed.shape[1]
 
 
 def _linear(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:

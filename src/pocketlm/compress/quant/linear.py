@@ -29,7 +29,7 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, bits: int, group_size: int | None = None) -> "QuantLinear":
-        w = lin.weight.detach()
+        w = lin.weight.detach().contiguous()  # may be a packed view left by the runtime
         q = cls(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, w.dtype)
         if lin.bias is not None:
             q.bias.data.copy_(lin.bias.detach())
