@@ -12,7 +12,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def tiny():
-    """The embedded tiny Llama in fp32 and its tokenizer (shared: tests must not modify it)."""
+    """The embedded tiny Llama in fp32 and its tokenizer (shared: tests must not change its values; the
+    runtime may repack its weights in place, which keeps them)."""
     return pocketlm.load("tiny")
 
 

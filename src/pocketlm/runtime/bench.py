@@ -50,14 +50,18 @@ def run_bench(model, tok, cfg: BenchConfig = BenchConfig(), *, show_progress: bo
     limit = getattr(model.config, "max_position_embeddings", need)
     check(need <= limit, f"prompt + new tokens ({need}) exceed the model's context of {limit}",
           "lower --prefill-tokens, --prompt-tokens or --new-tokens")
-    gen = Generator(model, tok, compile=cfg.compile)
-    runners = [gen] + ([model] if cfg.transformers else [])
-    steps = [(r, b) for r in runners for b in (None, *cfg.batch_sizes)]
     rows: dict[str, dict] = {}
     reset_peak_rss()
     t0 = time.perf_counter()
-    for runner, batch in progress_bar(steps, "bench", show=show_progress):
-        row = rows.setdefault(engine_name(runner), {"engine": engine_name(runner), "decode_tok_s": {}})
+    # transformers first: the engine packs the model's weights in place, which would change its layout
+    plan = (["transformers"] if cfg.transformers else []) + ["pocketlm"]
+    steps = [(engine, b) for engine in plan for b in (None, *cfg.batch_sizes)]
+    gen = None
+    for engine, batch in progress_bar(steps, "bench", show=show_progress):
+        if engine == "pocketlm" and gen is None:
+            gen = Generator(model, tok, compile=cfg.compile)
+        runner = gen if engine == "pocketlm" else model
+        row = rows.setdefault(engine, {"engine": engine_name(runner), "decode_tok_s": {}})
         if batch is None:
             row["prefill_ms"] = prefill_ms(runner, tokens, length=cfg.prefill_tokens, warmup=cfg.warmup,
                                            repeats=cfg.repeats)
@@ -65,6 +69,7 @@ def run_bench(model, tok, cfg: BenchConfig = BenchConfig(), *, show_progress: bo
             row["decode_tok_s"][str(batch)] = decode_tok_s(
                 runner, tokens, batch=batch, prompt_len=cfg.prompt_tokens, new_tokens=cfg.new_tokens,
                 warmup=cfg.warmup, repeats=cfg.repeats)[0]
+    rows = {k: rows[k] for k in ("pocketlm", "transformers") if k in rows}
     result = {"config": cfg.to_dict(), "rows": list(rows.values()), "threads": torch.get_num_threads(),
               "compile_s": gen.compile_s if gen.compiled else None, "weights_mb": weight_bytes(model) / 2**20,
               "peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - t0, "text": str(DEFAULT_TEXT)}
