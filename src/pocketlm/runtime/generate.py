@@ -187,10 +187,10 @@ class Generator:
         """Yield a GenerationResponse per generated token of one prompt; the last has a finish_reason."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         text = _TextStream(self.tokenizer, stop_strings)
-        t0 = time.perf_counter()
+        t0, compiled_before = time.perf_counter(), self.compile_s
         prompt_tps, t_first = 0.0, t0
         for n, (tok, lp) in enumerate(self.generate_step([ids], max_tokens, sampling), start=1):
-            now = time.perf_counter()
+            now = time.perf_counter() - (self.compile_s - compiled_before)  # compiling is not generating
             if n == 1:
                 t_first, prompt_tps = now, len(ids) / max(now - t0, 1e-9)
             token = int(tok[0])
