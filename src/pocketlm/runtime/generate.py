@@ -160,7 +160,8 @@ class Generator:
                 return logits
             best = logits.argmax(-1)
             return best, logits.log_softmax(-1).gather(1, best[:, None])[:, 0]
-        return torch.compile(_own_code(decode_one_token), dynamic=False, options={
+        # fullgraph: a graph break would leave resumed frames running without guards, so refuse it
+        return torch.compile(_own_code(decode_one_token), dynamic=False, fullgraph=True, options={
             "guard_filter_fn": torch.compiler.skip_all_guards_unsafe, **_compile_options(self.decoder.device)})
 
     def _check(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> tuple[int, int]:

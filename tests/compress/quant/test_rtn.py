@@ -53,6 +53,8 @@ def test_rtn_pass_quantizes_decoder_and_engine_matches_transformers(tiny):
                          min_new_tokens=12, eos_token_id=None, pad_token_id=0)[0, 24:].tolist()
     ours = [int(t[0]) for t, _ in Generator(model, tok).generate_step([x[0].tolist()], 12, stop_tokens=set())]
     assert ours == ref
+    compiled = Generator(model, tok, compile=True)  # the packed kernels also run inside the compiled step
+    assert [int(t[0]) for t, _ in compiled.generate_step([x[0].tolist()], 12, stop_tokens=set())] == ref
 
 
 def test_bad_settings_and_saving_is_refused(tmp_path, tiny):
