@@ -92,3 +92,9 @@ def test_transformers_engine_is_named(tiny):
     eff, _ = measure_efficiency(*tiny, torch.randint(0, 8192, (1, 512)),
                                 QUICK.replace(engine="transformers", decode_batch_sizes=(1,)), show_progress=False)
     assert eff["engine"] == "transformers.generate" and eff["decode_tok_s"] > 0
+
+
+def test_compiled_engine_reports_compile_time_apart(tiny):
+    eff, _ = measure_efficiency(*tiny, torch.randint(0, 8192, (1, 512)),
+                                QUICK.replace(compile=True, decode_batch_sizes=(1,)), show_progress=False)
+    assert eff["engine"] == "pocketlm (compiled)" and eff["compile_s"] > 0 and eff["decode_tok_s"] > 0
