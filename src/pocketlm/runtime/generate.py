@@ -227,11 +227,15 @@ class Generator:
 
 
 class _TextStream:
-    """Incremental detokenization that holds back an incomplete character or a possible stop-string start."""
+    """Incremental detokenization that holds back an incomplete character or a possible stop-string start.
+
+    Only the tokens since the last newline are decoded again per token (a newline is a safe cut for
+    byte-level and sentencepiece tokenizers alike), so a long output costs linear, not quadratic, time."""
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
         self.tokenizer, self.stops = tokenizer, [s for s in stop_strings if s]
         self.ids: list[int] = []
+        self.start, self.committed = 0, ""  # tokens before `start` are decoded into `committed`
         self.text, self.sent, self.stopped = "", 0, False
         self.hold = max((len(s) for s in self.stops), default=1) - 1
 
@@ -239,9 +243,12 @@ class _TextStream:
         if token is None or self.stopped:
             return ""
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        tail = self.tokenizer.decode(self.ids[self.start:], skip_special_tokens=True)
+        if tail.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
+        text = self.committed + tail
+        if tail.endswith("\n"):
+            self.start, self.committed = len(self.ids), text
         cut = _cut_at_stop(text, self.stops)
         if len(cut) < len(text):
             self.stopped = True
