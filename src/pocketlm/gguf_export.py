@@ -73,9 +73,10 @@ def _tokenizer(writer, tok) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for name, tid in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id), ("padding", tok.pad_token_id)):
+    for tid, add in ((tok.bos_token_id, writer.add_bos_token_id), (tok.eos_token_id, writer.add_eos_token_id),
+                     (tok.pad_token_id, writer.add_pad_token_id)):
         if tid is not None:
-            getattr(writer, f"add_{name if name != 'padding' else 'pad'}_token_id")(tid)
+            add(tid)
     writer.add_add_bos_token(False)
 
 
@@ -98,9 +99,10 @@ def export_gguf(model, tok, out: str | os.PathLike, qtype: str = "F32") -> Path:
         w.add_feed_forward_length(cfg.intermediate_size)
         w.add_head_count(cfg.num_attention_heads)
         w.add_head_count_kv(cfg.num_key_value_heads)
-        w.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        w.add_key_length(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
-        w.add_value_length(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w.add_rope_dimension_count(head_dim)
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
         w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
         w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         w.add_vocab_size(cfg.vocab_size)
