@@ -174,8 +174,9 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     record_file = source.path / RECORD_FILE
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     with _load_errors(source.path):
-        if record.get("layer_shapes"):
-            model = _load_per_layer_shapes(source.path, record["layer_shapes"], torch_dtype)
+        qconfig = _pocketlm_quantization(source.path)
+        if record.get("layer_shapes") or qconfig:
+            model = _load_rebuilt(source.path, record.get("layer_shapes"), qconfig, torch_dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
     tok = load_tokenizer(source.path)
@@ -185,27 +186,41 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     return model, tok
 
 
-def _load_per_layer_shapes(path: Path, shapes: list[dict], dtype: torch.dtype):
-    """Rebuild a model whose layers differ in size (structured pruning with global ranking), which a
-    single HF config cannot describe: build from config.json (the largest sizes), shrink each layer
-    to its recorded shape, then load the weights strictly."""
+def _pocketlm_quantization(path: Path) -> dict | None:
+    qconfig = json.loads((path / "config.json").read_text()).get("quantization_config")
+    return qconfig if isinstance(qconfig, dict) and qconfig.get("quant_method") == "pocketlm" else None
+
+
+def _load_rebuilt(path: Path, shapes: list[dict] | None, qconfig: dict | None, dtype: torch.dtype):
+    """Rebuild a model that a single HF config cannot describe (layers that differ in size after
+    structured pruning) or that holds pocketlm's quantized modules: build from config.json, shrink
+    each layer to its recorded shape, swap in the quantized shells, then load the weights strictly."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .compress.prune.structured import apply_layer_shapes
+    from .compress.quant.artifact import finish, install_shells
     config = AutoConfig.from_pretrained(path)
+    config.quantization_config = None  # the shells below replace transformers' quantizer
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    apply_layer_shapes(model, shapes)
+    if shapes:
+        apply_layer_shapes(model, shapes)
+    if qconfig:
+        install_shells(model, qconfig, dtype)
     state = {}
     for f in weight_files(path):
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     if unexpected or set(missing) - tied:
-        raise CorruptModelError(f"weights in '{path}' do not match the recorded layer shapes "
+        raise CorruptModelError(f"weights in '{path}' do not match the model's recorded layout "
                                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})",
                                 "re-create the artifact with `pocketlm compress`")
-    model.tie_weights()
+    if qconfig:
+        finish(model)
+        model.config.quantization_config = qconfig
+    else:
+        model.tie_weights()
     return model
 
 
@@ -322,10 +337,10 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         evaluation: an EvalReport dict to store with the artifact.
         overwrite: replace an existing `out` (never the source model).
     """
-    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
-        raise UnsupportedModelError("saving quantized models is not supported yet (quantized artifacts come "
-                                    "with the quantization issue)",
-                                    "keep the quantized model in memory, or save the float model and export GGUF")
+    from .compress.quant.artifact import describe
+    qconfig = describe(model)
+    if qconfig:  # config.json names the quantized modules, so loaders can rebuild them
+        model.config.quantization_config = qconfig
     source: ModelSource | None = getattr(model, "pocketlm_source", None)
     protect = (source.path,) if source else ()
     prior = getattr(model, "pocketlm_record", {}) or {}

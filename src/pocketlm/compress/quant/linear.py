@@ -1,48 +1,126 @@
-"""QuantLinear: a packed weight-only int8/int4 linear layer with torch's fused CPU kernels.
+"""Quantized modules with torch's fused CPU kernels, stored in a portable layout.
 
-int8: int8 weights (N, K) with a scale per output channel → `aten._weight_int8pack_mm`.
-int4: two codes per byte in the kernel's tiled layout, (scale, zero) per group of K inputs →
-`aten._weight_int4pack_mm_for_cpu`. Both kernels run with bf16 activations and scales (their fp32
-paths are 8-25x slower here), so inputs are cast to bf16 and outputs back. Other devices take the
-named fallback: dequantize, then matmul.
+- QuantLinear, weight-only: int8 (N, K) with a scale per output channel → `aten._weight_int8pack_mm`;
+  int4/int3 codes in the int4 kernel's tiled layout, (scale, zero) per group → `aten._weight_int4pack_mm_for_cpu`.
+  Both run with bf16 activations (their fp32 paths are 8-25x slower here). Other devices take the
+  named fallback: dequantize, then matmul.
+- W8A8Linear (SmoothQuant): int8 weights and dynamic per-token int8 activations → `torch._int_mm`.
+- QuantEmbedding: row lookups from an int8 table, which a tied LM head shares.
+
+Saved state is the portable layout of primitives.pack (the kernel's tiling depends on the machine);
+`_save_to_state_dict` / `_load_from_state_dict` convert, and a module built as an empty shell (the
+loaders' path) is converted by `to_kernel_layout()` once its buffers are filled.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import primitives as P
+from .primitives import PARAM_DTYPE, Scheme
 
 KERNEL_DTYPE = torch.bfloat16
 
 
-class QuantLinear(nn.Module):
-    """Drop-in for nn.Linear holding quantized weights; `bits` 8 or 4, `group_size` for int4."""
+@functools.lru_cache(maxsize=64)
+def _int4_layout(n: int, k: int) -> torch.Tensor:
+    """Where each code of an (n, k) matrix lands among the kernel layout's nibbles (low nibble first):
+    found by packing codes that spell out their own index, four bits at a time."""
+    idx = torch.arange(n * k).reshape(n, k)
+    where = torch.zeros(n * k, dtype=torch.int64)
+    for b in range(math.ceil(math.log2(max(n * k, 2)) / 4)):
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(((idx >> (4 * b)) & 15).to(torch.int32), 1)
+        where |= _nibbles(packed).long() << (4 * b)
+    return where
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int | None, bias: bool,
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    b = packed.to(torch.int32)
+    return torch.stack([b & 0xF, b >> 4], -1).reshape(-1)
+
+
+class QuantLinear(nn.Module):
+    """Drop-in for nn.Linear with weight-only int8/int4/int3 codes (see module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: Scheme, bias: bool,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
+        G = in_features // scheme.group(in_features)
+        self.in_features, self.out_features, self.scheme, self.out_dtype = in_features, out_features, scheme, dtype
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
-        self.out_dtype = dtype
+        # an empty shell in the stored layout; a loader fills it, then calls to_kernel_layout()
+        code_dtype = torch.int8 if scheme.bits == 8 else torch.uint8
+        self.register_buffer("qweight", torch.zeros(out_features, P.packed_width(scheme.bits, in_features),
+                                                    dtype=code_dtype))
+        self.register_buffer("scales", torch.zeros(out_features, G, dtype=PARAM_DTYPE))
+        if scheme.bits != 8:
+            self.register_buffer("zeros", torch.zeros(out_features, G, dtype=PARAM_DTYPE))
+        self.kernel_layout = False
+
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, bits: int, group_size: int | None = None) -> "QuantLinear":
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Scheme,
+                   bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> "QuantLinear":
+        """From codes (N, K) and per-group scale/zero (N, G) as primitives.quantize_matrix returns them."""
+        N, K = q.shape
+        m = cls(K, N, scheme, bias is not None, dtype)
+        m.qweight.copy_(P.pack(q, scheme.bits))
+        m.scales.copy_(scale)
+        if scheme.bits != 8:
+            m.zeros.copy_(zero)
+        if bias is not None:
+            m.bias.data.copy_(bias.detach())
+        return m.to_kernel_layout()
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, scheme: Scheme) -> "QuantLinear":
+        """Round-to-nearest of a float linear layer."""
         w = lin.weight.detach().contiguous()  # may be a packed view left by the runtime
-        q = cls(lin.in_features, lin.out_features, bits, group_size, lin.bias is not None, w.dtype)
-        if lin.bias is not None:
-            q.bias.data.copy_(lin.bias.detach())
-        if bits == 8:
-            codes, scale = P.int8_per_channel(w)
-            q.register_buffer("qweight", codes)
-            q.register_buffer("scales", scale.to(KERNEL_DTYPE))
-        else:
-            codes, scale, zero = P.int4_groupwise(w, group_size)
-            # packed codes (N, K/2) uint8 and (K/group, N, 2) [scale, zero] as the kernel takes them
-            q.register_buffer("qweight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1))
-            q.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(KERNEL_DTYPE).contiguous())
-        return q
+        q, scale, zero = P.quantize_matrix(w, scheme)
+        return cls.from_codes(q, scale, zero, scheme, lin.bias, w.dtype)
+
+    @torch.no_grad()
+    def to_kernel_layout(self) -> "QuantLinear":
+        """Stored layout → the kernel's (int4 tiling; scales and zeros as the kernel takes them)."""
+        if self.kernel_layout:
+            return self
+        if self.bits != 8:
+            codes = P.unpack(self.qweight.cpu(), self.bits, self.in_features)
+            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).to(self.scales.device)
+            # (K/group, N, 2) [scale, zero], derived: not saved
+            self.register_buffer("scales_zeros", torch.stack([self.scales.t(), self.zeros.t()], -1).contiguous(),
+                                 persistent=False)
+        self.kernel_layout = True
+        return self
+
+    def codes(self) -> torch.Tensor:
+        """The (N, K) int32 codes, from whichever layout the module holds."""
+        if not self.kernel_layout or self.bits == 8:
+            return P.unpack(self.qweight.cpu(), self.bits, self.in_features)
+        nib = _nibbles(self.qweight.cpu())
+        out = torch.empty_like(nib)
+        out[_int4_layout(self.out_features, self.in_features)] = nib
+        return out.reshape(self.out_features, self.in_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.kernel_layout and self.bits != 8:
+            destination[prefix + "qweight"] = P.pack(self.codes(), self.bits).to(self.qweight.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.kernel_layout and self.bits != 8:  # loading stored codes into a module already in use
+            self.qweight = torch.zeros(self.out_features, P.packed_width(self.bits, self.in_features),
+                                       dtype=torch.uint8, device=self.qweight.device)
+            self.kernel_layout = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.to_kernel_layout()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -50,9 +128,9 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu":
             y = F.linear(x2, self.dequantize().to(x.dtype))  # named fallback: no fused kernel here
         elif self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.qweight, self.scales).to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.qweight, self.scales[:, 0]).to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.qweight, self.group_size,
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.qweight, self.scheme.group_size,
                                                            self.scales_zeros).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -60,17 +138,78 @@ class QuantLinear(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) float weight these codes stand for."""
-        if self.bits == 8:
-            return P.dequant_int8(self.qweight, self.scales.float())
-        eye = torch.eye(self.in_features, dtype=self.scales_zeros.dtype)
-        # the kernel's own product with the identity reads its packed layout back exactly
-        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.qweight.cpu(), self.group_size,
-                                                       self.scales_zeros.cpu()).t().float()
-        return w.to(self.qweight.device)
+        zero = self.zeros.float() if self.bits != 8 else torch.zeros_like(self.scales, dtype=torch.float32)
+        w = P.dequantize_matrix(self.codes(), self.scales.float().cpu(), zero.cpu(), self.bits)
+        return w.to(self.scales.device)
 
-    def weight_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+    def stored_bytes(self) -> int:
+        """Bytes this layer takes in the saved artifact (portable layout)."""
+        n = self.out_features * P.packed_width(self.bits, self.in_features) + self.scales.numel() * 2
+        n += self.zeros.numel() * 2 if self.bits != 8 else 0
+        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)
 
     def extra_repr(self) -> str:
-        g = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{g}"
+        s = self.scheme
+        g = f", group_size={s.group_size}, sym={s.sym}" if s.bits != 8 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}{g}"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding rows looked up from an int8 QuantLinear's table (the LM head's, when they are tied):
+    one table in memory and on disk, so a tied model stays tied."""
+
+    def __init__(self, table: QuantLinear, padding_idx: int | None = None):
+        super().__init__()
+        if table.bits != 8:
+            raise ValueError("QuantEmbedding needs an int8 table (rows are looked up whole)")
+        self.table = [table]  # a plain list: the table is saved once, as the head's
+        self.num_embeddings, self.embedding_dim, self.padding_idx = table.out_features, table.in_features, padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table[0]
+        rows = F.embedding(ids, t.qweight).to(t.out_dtype)
+        return rows * t.scales[ids].to(t.out_dtype)
+
+
+class W8A8Linear(nn.Module):
+    """SmoothQuant linear: int8 weights (N, K) with a scale per output channel; each input row is
+    quantized to int8 on the fly with its own scale (dynamic per-token), then `torch._int_mm`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features, self.out_dtype = in_features, out_features, dtype
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.zeros(out_features, 1, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "W8A8Linear":
+        w = lin.weight.detach().float()
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype)
+        scale = w.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+        m.qweight.copy_(torch.round(w / scale).clamp(-127, 127).to(torch.int8))
+        m.scales.copy_(scale)
+        if lin.bias is not None:
+            m.bias.data.copy_(lin.bias.detach())
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        xs = x2.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127  # (M, 1) per-token scale
+        xq = torch.round(x2 / xs).clamp(-127, 127).to(torch.int8)
+        if x.device.type == "cpu":
+            acc = torch._int_mm(xq, self.qweight.t()).float()  # (M, N) int32 → fp32
+        else:  # named fallback: _int_mm's CUDA shape rules (M > 16, multiples of 8) do not fit decode
+            acc = xq.float() @ self.qweight.t().float()
+        y = (acc * xs * self.scales.t()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scales
+
+    def stored_bytes(self) -> int:
+        n = self.qweight.numel() + self.scales.numel() * 4
+        return n + (self.bias.numel() * self.bias.element_size() if self.bias is not None else 0)

@@ -1,36 +1,118 @@
-"""Quantization arithmetic on one weight matrix: parameters, rounding, dequantization."""
+"""Quantization arithmetic on one weight matrix: schemes, parameters, rounding, packing.
+
+Every scheme writes a weight as w ≈ (q − MID[bits]) · s + z with an integer code q per weight and a
+scale s and offset z per group of inputs (per output row for int8):
+
+- int8: symmetric per output channel, q in −127..127, z = 0 (torch's int8 kernel layout).
+- int4/int3: per group of `group_size` inputs, q in 0..2^bits−1, MID = 8 (torch's int4 kernel
+  subtracts 8 and adds z, so int3 codes run on the same kernel). Asymmetric maps the group's min to
+  code 0 and its max to the top code; symmetric centres the codes on zero.
+
+s and z are rounded to bf16 before rounding the weights, because the kernels take them in bf16:
+the codes are then exact for the values the kernels use.
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
-INT4_MID = 8  # int4 codes 0..15 are stored unsigned; the kernels subtract 8
+PARAM_DTYPE = torch.bfloat16
+MID = {8: 0, 4: 8, 3: 8}
+CODES = {8: (-127, 127), 4: (0, 15), 3: (0, 7)}  # (lowest, highest) code
 
 
-def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel: w ≈ q · scale.  w (N, K) → q int8 (N, K), scale fp32 (N,)."""
-    scale = w.float().abs().amax(dim=1).clamp(min=1e-10) / 127
-    q = torch.round(w.float() / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+@dataclasses.dataclass(frozen=True)
+class Scheme:
+    """bits 8 (per channel, symmetric), 4 or 3 (per group of `group_size` inputs)."""
+
+    bits: int
+    group_size: int | None = None  # None: one group per output row
+    sym: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits == 8:  # the int8 kernel takes one scale per row and no offset
+            object.__setattr__(self, "group_size", None)
+            object.__setattr__(self, "sym", True)
+
+    def group(self, in_features: int) -> int:
+        return self.group_size or in_features
+
+    def bits_per_weight(self, in_features: int) -> float:
+        """Stored bits per weight, parameters included (bf16 scale, and zero when asymmetric)."""
+        params = 16 if self.sym else 32
+        return self.bits + params / self.group(in_features)
 
 
-def int4_groupwise(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 per group of `group` inputs: w ≈ (q − 8) · scale + zero, q in 0..15.
+def params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and offset of each row of `w` (..., g): every row is one group. Returned in fp32 holding
+    bf16-representable values."""
+    lo_code, hi_code = CODES[scheme.bits]
+    w = w.float()
+    if scheme.sym:
+        centre = (lo_code + hi_code + 1) // 2
+        scale = w.abs().amax(-1) / (hi_code - centre)
+        zero = (MID[scheme.bits] - centre) * scale
+    else:
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = (hi - lo) / (hi_code - lo_code)
+        zero = lo - (lo_code - MID[scheme.bits]) * scale
+    scale = scale.clamp(min=1e-8).to(PARAM_DTYPE).float()
+    return scale, zero.to(PARAM_DTYPE).float()
 
-    w (N, K) → q int32 (N, K), scale and zero fp32 (N, K // group). `zero` is the value of code 8
-    (the layout of torch's int4 kernels), so min maps to code 0 and max to code 15."""
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of `w` (..., g) under per-row `scale`, `zero` (...,): int32."""
+    lo_code, hi_code = CODES[bits]
+    q = torch.round((w.float() - zero[..., None]) / scale[..., None]) + MID[bits]
+    return q.clamp(lo_code, hi_code).to(torch.int32)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return (q.float() - MID[bits]) * scale[..., None] + zero[..., None]
+
+
+def quantize_matrix(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest of a whole (N, K) matrix → codes (N, K), scale and zero (N, K // group)."""
     N, K = w.shape
-    wg = w.float().view(N, K // group, group)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-10)
-    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
-    return q.view(N, K), scale, lo + INT4_MID * scale
+    wg = w.float().reshape(N, K // scheme.group(K), scheme.group(K))
+    scale, zero = params(wg, scheme)
+    return quantize(wg, scale, zero, scheme.bits).reshape(N, K), scale, zero
 
 
-def dequant_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return q.float() * scale[:, None]
-
-
-def dequant_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
+def dequantize_matrix(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     N, K = q.shape
-    qg = q.view(N, K // group, group).float()
-    return ((qg - INT4_MID) * scale[..., None] + zero[..., None]).view(N, K)
+    G = scale.shape[-1]
+    return dequantize(q.reshape(N, G, K // G), scale, zero, bits).reshape(N, K)
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (N, K) → the stored bytes: int8 as is; int4 two per byte (low nibble first); int3 eight
+    codes in three bytes (little-endian 24-bit words)."""
+    if bits == 8:
+        return q.to(torch.int8)
+    N, K = q.shape
+    q = q.to(torch.int32)
+    if bits == 4:
+        pairs = q.reshape(N, K // 2, 2)
+        return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    octets = q.reshape(N, K // 8, 8)
+    word = sum(octets[..., i] << (3 * i) for i in range(8))  # (N, K/8) 24-bit
+    return torch.stack([(word >> (8 * b)) & 0xFF for b in range(3)], -1).reshape(N, K // 8 * 3).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
+    """Inverse of `pack`: codes (N, K) int32."""
+    if bits == 8:
+        return packed.to(torch.int32)
+    N = packed.shape[0]
+    b = packed.to(torch.int32)
+    if bits == 4:
+        return torch.stack([b & 0xF, b >> 4], -1).reshape(N, in_features)
+    trip = b.reshape(N, in_features // 8, 3)
+    word = trip[..., 0] | (trip[..., 1] << 8) | (trip[..., 2] << 16)
+    return torch.stack([(word >> (3 * i)) & 0x7 for i in range(8)], -1).reshape(N, in_features)
+
+
+def packed_width(bits: int, in_features: int) -> int:
+    return {8: in_features, 4: in_features // 2, 3: in_features // 8 * 3}[bits]

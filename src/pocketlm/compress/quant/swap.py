@@ -1,0 +1,70 @@
+"""Which modules a quantization pass covers, the checks made before any is changed, and the swap
+of float modules for quantized ones (shared by RTN, GPTQ, AWQ, SmoothQuant and mixed precision).
+
+Covered: every plain nn.Linear inside the decoder layers (fused MoE expert tensors are not linears
+and stay float). The LM head and the embedding are quantized only on request, to an int8 table that
+both use when they are tied, so a tied model stays tied.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ...errors import ConfigError
+from ..calibration import decoder_layers
+from .linear import QuantEmbedding, QuantLinear
+from .primitives import Scheme
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """The plain float linears of one decoder layer by name relative to it (router gates excluded)."""
+    return {name: m for name, m in layer.named_modules() if type(m) is nn.Linear and not name.endswith("mlp.gate")}
+
+
+def decoder_linears(model) -> dict[str, nn.Linear]:
+    """Every plain float linear of the decoder, by its full module name."""
+    return {f"model.layers.{i}.{name}": m for i, layer in enumerate(decoder_layers(model))
+            for name, m in layer_linears(layer).items()}
+
+
+def check_targets(model, scheme: Scheme, names: list[str] | None = None) -> dict[str, nn.Linear]:
+    """The linears to quantize (all, or `names`), refusing a model with none or a group size that
+    does not divide an input width, before any layer changes."""
+    linears = decoder_linears(model)
+    if names is not None:
+        linears = {n: linears[n] for n in names}
+    if not linears:
+        raise ConfigError("the model has no plain linear layers in its decoder to quantize",
+                          "quantize a model with linear projections (fused MoE experts are not covered)")
+    bad = sorted({m.in_features for m in linears.values() if m.in_features % scheme.group(m.in_features)
+                  or (scheme.bits == 3 and m.in_features % 8)})
+    if bad:
+        raise ConfigError(f"group size {scheme.group_size} does not divide input width(s) {bad}",
+                          "choose a group size that divides every linear layer's input width")
+    return linears
+
+
+def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def quantize_head_(model) -> dict:
+    """Quantize the LM head to an int8 table (per row) and make the embedding look up its rows from
+    the same table when the two are tied (else from its own int8 table)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if type(head) is not nn.Linear or type(emb) is not nn.Embedding:
+        raise ConfigError("the LM head or the embedding is not a plain linear/embedding layer",
+                          "quantize without the head option")
+    tied = head.weight.data_ptr() == emb.weight.data_ptr()
+    table = QuantLinear.from_linear(head, Scheme(8))
+    model.lm_head = table
+    if tied:
+        emb_table = table
+    else:
+        lin = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, dtype=emb.weight.dtype)
+        lin.weight = emb.weight
+        emb_table = QuantLinear.from_linear(lin, Scheme(8))
+    model.set_input_embeddings(QuantEmbedding(emb_table, emb.padding_idx))
+    if not tied:
+        model.model.embed_table = emb_table  # registered here so that it is saved
+    return {"head_bytes": table.stored_bytes() + (0 if tied else emb_table.stored_bytes()), "head_tied": tied}

@@ -1,0 +1,57 @@
+import pytest
+import torch
+from torch import nn
+
+from pocketlm.compress.quant.linear import QuantEmbedding, QuantLinear, W8A8Linear
+from pocketlm.compress.quant.primitives import Scheme
+
+
+@pytest.fixture(scope="module")
+def lin():
+    torch.manual_seed(0)
+    return nn.Linear(256, 96, bias=True)
+
+
+SCHEMES = [Scheme(8), Scheme(4, 32), Scheme(4, 128, sym=True), Scheme(3, 64)]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_kernel_equals_dequantized_matmul(lin, scheme):
+    q = QuantLinear.from_linear(lin, scheme)
+    x = torch.randn(5, 256)
+    ref = x @ q.dequantize().t() + lin.bias
+    assert torch.allclose(q(x), ref, atol=2e-2, rtol=1e-2)
+    assert (q.dequantize() - lin.weight).abs().max() < 0.6 * q.scales.float().max()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_state_dict_is_the_portable_layout_and_reloads_bit_exactly(lin, scheme):
+    q = QuantLinear.from_linear(lin, scheme)
+    state = q.state_dict()
+    assert set(state) == {"bias", "qweight", "scales"} | ({"zeros"} if scheme.bits != 8 else set())
+    assert state["qweight"].shape == (96, {8: 256, 4: 128, 3: 96}[scheme.bits])
+    shell = QuantLinear(256, 96, scheme, bias=True)
+    shell.load_state_dict(state)
+    x = torch.randn(3, 256)
+    assert torch.equal(shell(x), q(x))
+    assert torch.equal(shell.codes(), q.codes())
+
+
+def test_embedding_rows_come_from_the_int8_table(lin):
+    table = QuantLinear.from_linear(lin, Scheme(8))
+    emb = QuantEmbedding(table)
+    ids = torch.tensor([[0, 5, 95]])
+    assert torch.allclose(emb(ids)[0], table.dequantize()[ids[0]])
+    assert list(emb.state_dict()) == []  # saved once, as the table's owner
+    with pytest.raises(ValueError, match="int8"):
+        QuantEmbedding(QuantLinear.from_linear(lin, Scheme(4, 32)))
+
+
+def test_w8a8_matches_float_closely_and_quantizes_each_row_on_its_own(lin):
+    m = W8A8Linear.from_linear(lin)
+    x = torch.randn(4, 256)
+    x[0] *= 100  # a row with outliers must not coarsen the other rows
+    y, ref = m(x), lin(x)
+    rel = ((y - ref).norm(dim=1) / ref.norm(dim=1))
+    assert (rel < 0.02).all()
+    assert torch.equal(m(x[1:]), y[1:])

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from pocketlm.compress.quant import primitives as P
+from pocketlm.compress.quant.primitives import Scheme
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_pack_unpack_round_trip(bits):
+    lo, hi = P.CODES[bits]
+    q = torch.randint(lo, hi + 1, (6, 64), dtype=torch.int32)
+    packed = P.pack(q, bits)
+    assert packed.shape == (6, P.packed_width(bits, 64))
+    assert torch.equal(P.unpack(packed, bits, 64), q)
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(4, 32), Scheme(4, 32, sym=True), Scheme(3, 64),
+                                    Scheme(3, 64, sym=True)])
+def test_rtn_error_is_within_half_a_step_and_codes_in_range(scheme):
+    torch.manual_seed(0)
+    w = torch.randn(16, 128)
+    q, scale, zero = P.quantize_matrix(w, scheme)
+    lo, hi = P.CODES[scheme.bits]
+    assert q.min() >= lo and q.max() <= hi
+    err = (P.dequantize_matrix(q, scale, zero, scheme.bits) - w).abs()
+    step = scale.repeat_interleave(scheme.group(128), dim=1)
+    assert (err <= 0.5 * step * 1.02 + 1e-6).all()  # bf16 parameters: a hair over half a step
+    assert torch.equal(scale, scale.bfloat16().float()) and torch.equal(zero, zero.bfloat16().float())
+
+
+def test_more_bits_and_smaller_groups_lower_the_error():
+    torch.manual_seed(0)
+    w = torch.randn(32, 256)
+
+    def err(s):
+        return (P.dequantize_matrix(*P.quantize_matrix(w, s), s.bits) - w).pow(2).mean()
+    assert err(Scheme(8)) < err(Scheme(4, 32)) < err(Scheme(4, 128)) < err(Scheme(3, 128))
+    assert err(Scheme(3, 32)) < err(Scheme(3, 128))
+
+
+def test_int8_is_always_symmetric_per_channel():
+    s = Scheme(8, 128, sym=False)
+    assert s.sym and s.group_size is None and s.bits_per_weight(256) == 8 + 16 / 256
