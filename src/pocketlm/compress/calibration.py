@@ -65,11 +65,13 @@ def linear_layers(module: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
-def first_layer_inputs(model, tokens: torch.Tensor, batch_size: int = 8) -> tuple[list[torch.Tensor], dict]:
+def first_layer_inputs(model, tokens: torch.Tensor, batch_size: int = 8,
+                       store_dtype: torch.dtype | None = None) -> tuple[list[torch.Tensor], dict]:
     """Run the model up to its first decoder layer for every batch.
 
-    Returns the hidden states per batch (each (B, L, hidden), on the model's device) and the keyword
-    arguments the layer was called with (rotary embeddings, masks), shared by all batches of one shape.
+    Returns the hidden states per batch (each (B, L, hidden), on the model's device, in `store_dtype`
+    (default: the model's)) and the keyword arguments the layer was called with (rotary embeddings,
+    masks), shared by all batches of one shape.
     """
     layers = decoder_layers(model)
     dev = next(model.parameters()).device
@@ -77,7 +79,8 @@ def first_layer_inputs(model, tokens: torch.Tensor, batch_size: int = 8) -> tupl
     kwargs: dict = {}
 
     def catch(_module, args, kw):
-        hiddens.append(args[0] if args else kw.pop("hidden_states"))
+        h = args[0] if args else kw.pop("hidden_states")
+        hiddens.append(h.to(store_dtype) if store_dtype else h)
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
         raise _Stop
 
@@ -97,20 +100,40 @@ def first_layer_inputs(model, tokens: torch.Tensor, batch_size: int = 8) -> tupl
     return hiddens, kwargs
 
 
+def _layer_dtype(layer: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float32)
+
+
 @torch.no_grad()
 def run_layer(layer: nn.Module, hiddens: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    """The layer's outputs for every held batch."""
+    """The layer's outputs for every held batch (in the dtype the batches are held in)."""
+    dtype = _layer_dtype(layer)
     outs = []
     for h in hiddens:
-        out = layer(h, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+        out = layer(h.to(dtype), **kwargs)
+        outs.append((out[0] if isinstance(out, tuple) else out).to(h.dtype))
     return outs
 
 
-def walk_layers(model, tokens: torch.Tensor, batch_size: int = 8) -> Iterator[tuple[int, nn.Module, list, dict]]:
+@torch.no_grad()
+def advance_(layer: nn.Module, hiddens: list[torch.Tensor], kwargs: dict) -> None:
+    """Replace each held batch by the layer's output for it, one batch at a time, so that a layer's
+    inputs and outputs are never held whole at once."""
+    dtype = _layer_dtype(layer)
+    for j, h in enumerate(hiddens):
+        out = layer(h.to(dtype), **kwargs)
+        hiddens[j] = (out[0] if isinstance(out, tuple) else out).to(h.dtype)
+
+
+def walk_layers(model, tokens: torch.Tensor, batch_size: int = 8,
+                store_dtype: torch.dtype | None = None) -> Iterator[tuple[int, nn.Module, list, dict]]:
     """Yield (index, layer, inputs, kwargs) layer by layer; after the caller's work on a layer the
-    walk recomputes that layer's outputs as the next layer's inputs."""
-    hiddens, kwargs = first_layer_inputs(model, tokens, batch_size)
+    walk replaces the inputs with that layer's outputs, the next layer's inputs.
+
+    store_dtype: hold the inputs in this dtype (e.g. bf16 halves the largest buffer of calibration);
+    each batch is computed in the layer's dtype.
+    """
+    hiddens, kwargs = first_layer_inputs(model, tokens, batch_size, store_dtype)
     for i, layer in enumerate(decoder_layers(model)):
         yield i, layer, hiddens, kwargs
-        hiddens = run_layer(layer, hiddens, kwargs)
+        advance_(layer, hiddens, kwargs)
