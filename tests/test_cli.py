@@ -251,3 +251,103 @@ def test_bench_writes_json_with_ratios(tmp_path, capsys):
 ])
 def test_generate_and_bench_bad_input(argv, needle, capsys, tmp_path):
     assert_bad_input(argv, capsys, tmp_path, needle)
+
+
+QUANT = ["--method", "rtn", "--group-size", "32"]
+
+
+@pytest.mark.parametrize("bits, qtype", [(8, "Q8_0"), (4, "Q4_0")])
+def test_compress_quantizes_and_exports_gguf(tmp_path, capsys, bits, qtype):
+    gguf = pytest.importorskip("gguf")
+    out = tmp_path / "q"
+    code, stdout, err = run(["compress", "tiny", "-o", str(out), *QUANT, "--bits", str(bits), "--export", "gguf"],
+                            capsys)
+    assert code == 0, err
+    record = json.loads((out / "pocketlm.json").read_text())["recipe"][0]
+    assert (record["kind"], record["bits"], record["head"]) == ("rtn", bits, True)
+    modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+    assert modules["model.layers.0.mlp.up_proj"]["bits"] == bits and modules["lm_head"]["bits"] == 8
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors if len(t.shape) == 2}
+    assert types == {qtype}
+    assert f"GGUF {qtype}" in stdout and "re-quantized" in stdout
+
+
+def test_compress_calib_tokens_sets_the_sequences(tmp_path, capsys, monkeypatch):
+    import pocketlm.compress
+    seen = {}
+    real = pocketlm.compress.compress_
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pocketlm.compress, "compress_", spy)
+    code, _, err = run(["compress", "tiny", "-o", str(tmp_path / "p"), "--prune", "wanda", "--calib-tokens", "300",
+                        "--calib-len", "64"], capsys)
+    assert code == 0, err
+    assert (seen["calib_samples"], seen["calib_len"]) == (4, 64)  # 300 // 64
+
+
+@pytest.mark.parametrize("options,needle", [
+    ([], "exactly one of --prune or --method"),
+    (["--prune", "wanda", "--method", "rtn"], "exactly one of --prune or --method"),
+    (["--method", "rtn", "--bits", "5"], "rtn supports (8, 4, 3) bits, not 5"),
+    (["--method", "rtn", "--bits", "4", "--group-size", "64"], "does not divide input width(s) [352]"),
+    (["--method", "rtn", "--group-size", "48"], "group size 48 is not one of"),
+    (["--method", "blocks"], "unknown --method 'blocks'"),
+    (["--method", "rtn", "--target-bits", "4"], "does not take --target-bits"),
+    (["--method", "mixed", "--bits", "4"], "does not take --bits"),
+    (["--method", "smoothquant", "--sym"], "does not take --sym"),
+    (["--prune", "wanda", "--bits", "4"], "--bits is a quantization option"),
+    ([*QUANT, "--calib-tokens", "10", "--calib-len", "64"], "less than one sequence of 64"),
+    ([*QUANT, "--calib-samples", "4", "--calib-tokens", "256"], "both given"),
+    ([*QUANT, "--export", "onnx"], "unknown --export format 'onnx'"),
+    ([*QUANT, "--export", "gguf", "--gguf-type", "Q5_K"], "GGUF type Q5_K is not supported"),
+    ([*QUANT, "--gguf-type", "Q8_0"], "without --export gguf"),
+])
+def test_compress_quant_bad_input(tmp_path, capsys, options, needle):
+    assert_bad_input(["compress", "tiny", "-o", str(tmp_path / "out"), *options], capsys, tmp_path, needle)
+
+
+@pytest.mark.parametrize("method, options, needle", [
+    ("awq", ["--bits", "8"], "awq supports"),
+    ("gptq", ["--bits", "2"], "gptq supports"),
+])
+def test_compress_bits_the_method_does_not_support(tmp_path, capsys, method, options, needle):
+    pytest.importorskip(f"pocketlm.compress.quant.{method}")
+    assert_bad_input(["compress", "tiny", "-o", str(tmp_path / "out"), "--method", method, "--group-size", "32",
+                      *options], capsys, tmp_path, needle)
+
+
+def test_compress_quant_empty_calibration_text(tmp_path, capsys):
+    pytest.importorskip("pocketlm.compress.quant.gptq")
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n")
+    assert_bad_input(["compress", "tiny", "-o", str(tmp_path / "out"), "--method", "gptq", "--group-size", "32",
+                      "--calib", str(calib)], capsys, tmp_path, "calibration text", "is empty")
+
+
+def test_compress_refuses_a_model_with_nothing_left_to_quantize(tmp_path, capsys):
+    import pocketlm
+    from pocketlm.compress import RTNConfig
+    model, tok = pocketlm.load("tiny")
+    pocketlm.compress_(model, RTNConfig(bits=8), tok=tok)
+    src = pocketlm.save(model, tok, tmp_path / "int8")  # every decoder linear is already a QuantLinear
+    assert_bad_input(["compress", str(src), "-o", str(tmp_path / "again"), *QUANT], capsys, tmp_path,
+                     "no plain linear layers")
+
+
+def test_compress_export_refuses_an_architecture_gguf_cannot_hold(tmp_path, capsys):
+    assert_bad_input(["compress", "moe", "-o", str(tmp_path / "out"), "--method", "rtn", "--bits", "8",
+                      "--export", "gguf"], capsys, tmp_path, "GGUF export supports llama/mistral", "mixtral")
+
+
+def test_compress_export_refuses_rows_gguf_blocks_cannot_hold(tmp_path, capsys):
+    # int8 rows of 48 weights are a valid pocketlm quantization, but Q8_0 stores whole blocks of 32
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("llama", hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                               num_key_value_heads=1, intermediate_size=96, vocab_size=8192)
+    src = tmp_path / "narrow"
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    AutoTokenizer.from_pretrained(TINY).save_pretrained(src)
+    assert_bad_input(["compress", str(src), "-o", str(tmp_path / "out"), "--method", "rtn", "--bits", "8",
+                      "--export", "gguf"], capsys, tmp_path, "Q8_0 stores blocks of 32", "rows of 48")

@@ -56,3 +56,73 @@ def test_refuses_other_architectures_and_leaves_nothing(tmp_path, tiny):
     with pytest.raises(UnsupportedModelError, match="Q5"):
         export_gguf(tiny[0], tiny[1], tmp_path / "q.gguf", "Q5_K")
     assert torch.is_tensor(tiny[0].lm_head.weight)
+
+
+def _int8_model(tiny):
+    import copy
+
+    import pocketlm
+    from pocketlm.compress.quant.rtn import RTNConfig
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    pocketlm.compress_(model, RTNConfig(bits=8, head=True), tok=tok)
+    return model, tok
+
+
+def test_int8_model_exports_q8_0_of_its_dequantized_weights(tmp_path, tiny):
+    model, tok = _int8_model(tiny)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", "auto")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert {t.tensor_type.name for t in tensors.values() if len(t.shape) == 2} == {"Q8_0"}
+    cfg = model.config
+    pairs = [("token_embd.weight", model.lm_head.dequantize()),  # tied: the embedding reads the head's table
+             ("blk.0.attn_q.weight", model.model.layers[0].self_attn.q_proj.dequantize()),
+             ("blk.3.ffn_down.weight", model.model.layers[3].mlp.down_proj.dequantize())]
+    for name, ref in pairs:
+        t = tensors[name]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape[::-1])
+        if name == "blk.0.attn_q.weight":
+            got = _unpermute(got, cfg.num_attention_heads)
+        ref = ref.numpy()
+        # Q8_0: one fp16 scale d = amax/127 per 32 weights, so each weight is within d/2 (+ fp16 rounding of d)
+        d = np.abs(ref).reshape(ref.shape[0], -1, 32).max(-1, keepdims=True) / 127
+        err = np.abs(got - ref).reshape(ref.shape[0], -1, 32)
+        assert (err <= 0.57 * d + 1e-7).all(), name  # the float weights re-rounded miss this (1.6 d)
+
+
+def test_auto_type_follows_the_bits(tiny):
+    import copy
+
+    import pocketlm
+    from pocketlm.compress.quant.rtn import RTNConfig
+    from pocketlm.gguf_export import auto_qtype
+    assert auto_qtype(tiny[0]) == "F32"
+    assert auto_qtype(_int8_model(tiny)[0]) == "Q8_0"
+    model = copy.deepcopy(tiny[0])
+    pocketlm.compress_(model, RTNConfig(bits=3, group_size=32, sym=True), tok=tiny[1])
+    assert auto_qtype(model) == "Q4_0"
+
+
+def test_refuses_rows_that_are_not_whole_blocks(tmp_path, tiny):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("llama", hidden_size=48, num_hidden_layers=1, num_attention_heads=3,
+                               num_key_value_heads=1, intermediate_size=96, vocab_size=8192)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(UnsupportedModelError, match="blocks of 32"):
+        export_gguf(model, tiny[1], tmp_path / "w.gguf", "Q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_llama_cpp_loads_and_generates_the_int8_export(tmp_path, tiny):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model, tok = _int8_model(tiny)
+    path = export_gguf(model, tok, tmp_path / "m.gguf", "auto")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    ids = tok("In the beginning God created the heaven and the earth.", add_special_tokens=False)["input_ids"]
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[:len(ids)])).log_softmax(-1)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    kl = (ours.exp() * (ours - theirs)).sum(-1).mean().item()
+    assert kl < 0.01, kl  # same model up to Q8_0 re-rounding and llama.cpp's int8 activations
+    out = llm.create_completion("And God said", max_tokens=8, temperature=0)
+    assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["text"].strip()

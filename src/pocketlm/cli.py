@@ -201,11 +201,92 @@ def _prune_config(prune: str, *, sparsity, nm, scope, ratio, unit, importance, d
     return c.WidthPruneConfig(target_params=_count(target_params))
 
 
+# --method → (module under pocketlm.compress.quant, its config class, the CLI options it takes). Imported
+# when asked for, so a method is available as soon as its module is.
+QUANT_METHODS = {
+    "rtn": ("rtn", "RTNConfig", ("bits", "group_size", "sym", "head")),
+    "gptq": ("gptq", "GPTQConfig", ("bits", "group_size", "sym", "head", "act_order")),
+    "awq": ("awq", "AWQConfig", ("bits", "group_size", "sym", "head")),
+    "smoothquant": ("smoothquant", "SmoothQuantConfig", ("head",)),
+    "progressive": ("progressive", "ProgressiveConfig", ("bits", "group_size", "sym", "head", "act_order")),
+    "mixed": ("mixed", "MixedPrecisionConfig", ("target_bits", "max_size_mb", "group_size", "sym", "head")),
+}
+QUANT_DEFAULTS = {"bits": 4, "group_size": 128}  # the CLI's defaults where a method takes the option
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _quant_config(method: str, **options):
+    """The config of `method` from the CLI options (None: not given), refusing options it does not take."""
+    import importlib
+    if method not in QUANT_METHODS:
+        raise ConfigError(f"unknown --method '{method}'", f"use one of {', '.join(QUANT_METHODS)}")
+    module, cls_name, takes = QUANT_METHODS[method]
+    given = {k: v for k, v in options.items() if v is not None}
+    extra = [k for k in given if k not in takes]
+    if extra:
+        raise ConfigError(f"--method {method} does not take {_option(extra[0])}",
+                          f"{method} takes {', '.join(map(_option, takes))}")
+    try:
+        cls = getattr(importlib.import_module(f"pocketlm.compress.quant.{module}"), cls_name)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"--method {method} is not available in this pocketlm installation",
+                          "use --method rtn or upgrade pocketlm") from None
+    return cls(**{k: given.get(k, QUANT_DEFAULTS.get(k)) for k in takes if k in given or k in QUANT_DEFAULTS})
+
+
+def _check_quant_targets(model, cfg) -> None:
+    """Refuse a model without linears to quantize, or a group size that does not divide a width, before
+    calibration (the passes check again)."""
+    from .compress.quant.primitives import Scheme
+    from .compress.quant.swap import check_targets
+    bits = getattr(cfg, "bits", None) or min(getattr(cfg, "candidates", None) or (8,))  # mixed: its fewest
+    check_targets(model, Scheme(bits, getattr(cfg, "group_size", None), getattr(cfg, "sym", False)))
+
+
+def _calib_samples(samples: Optional[int], tokens: Optional[int], calib_len: int) -> int:
+    from .config import check
+    check(samples is None or tokens is None, "--calib-samples and --calib-tokens both given",
+          "give one: --calib-tokens N means N // --calib-len sequences")
+    check(calib_len >= 2, "--calib-len must be at least 2", "use e.g. --calib-len 512")
+    if tokens is not None:
+        check(tokens >= calib_len, f"--calib-tokens {tokens} is less than one sequence of {calib_len} tokens",
+              "give more tokens or a smaller --calib-len")
+        return tokens // calib_len
+    check(samples is None or samples >= 1, "--calib-samples must be at least 1", "use e.g. --calib-samples 128")
+    return 128 if samples is None else samples
+
+
+def _gguf_note(model, qtype: str) -> str:
+    """What the GGUF file holds, said plainly: its type, and that pocketlm's codes were rounded again."""
+    from .gguf_export import quantized_bits
+    bits = sorted(set(quantized_bits(model)))
+    if not bits:
+        return f"GGUF {qtype}"
+    if qtype in ("F32", "F16"):
+        return f"GGUF {qtype}: quantized layers written dequantized"
+    kinds = ", ".join(f"int{b} groups" if b < 8 else "int8 rows" for b in bits)
+    return f"GGUF {qtype}: {kinds} re-quantized to {qtype} blocks of 32 from the dequantized weights"
+
+
+def _check_export(export: Optional[str], gguf_type: str) -> None:
+    from .gguf_export import QTYPES
+    if export not in (None, "gguf"):
+        raise ConfigError(f"unknown --export format '{export}'", "use --export gguf")
+    if gguf_type not in ("auto", *QTYPES):
+        raise ConfigError(f"GGUF type {gguf_type} is not supported", f"use --gguf-type auto, {', '.join(QTYPES)}")
+    if gguf_type != "auto" and export is None:
+        raise ConfigError("--gguf-type given without --export gguf", "add --export gguf")
+
+
 @app.command("compress")
 def compress_cmd(
     model: str = typer.Argument(..., help="Model directory, embedded name or cached hub id."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    prune: str = typer.Option(..., help="magnitude, wanda, sparsegpt, heads, mlp, layers or width."),
+    prune: Optional[str] = typer.Option(None, help="magnitude, wanda, sparsegpt, heads, mlp, layers or width."),
+    method: Optional[str] = typer.Option(None, help="Quantize: rtn, gptq, awq, smoothquant, progressive or mixed."),
     sparsity: float = typer.Option(0.5, help="Unstructured: fraction of weights set to zero."),
     nm: Optional[str] = typer.Option(None, help="N:M pattern, e.g. 2:4 (keep 2 of every 4)."),
     scope: str = typer.Option("layer", help="layer (same share per layer) or global (ranked across layers)."),
@@ -215,26 +296,58 @@ def compress_cmd(
     drop: int = typer.Option(1, help="layers: how many decoder layers to remove."),
     metric: str = typer.Option("block_influence", help="layers: block_influence or last."),
     target_params: Optional[str] = typer.Option(None, help="width: parameter budget, e.g. 8M."),
+    bits: Optional[int] = typer.Option(None, help="Quantize: 8, 4 or 3 bits per weight (default 4)."),
+    group_size: Optional[int] = typer.Option(None, help="Quantize: inputs per scale group (default 128)."),
+    sym: bool = typer.Option(False, "--sym", help="Quantize: codes centred on zero (no offset)."),
+    head: bool = typer.Option(True, "--head/--no-head", help="Quantize the LM head and embedding to int8."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
+                                             help="gptq/progressive: round columns by activation energy."),
+    target_bits: Optional[float] = typer.Option(None, help="mixed: average bits per weight, e.g. 4.5."),
+    max_size_mb: Optional[float] = typer.Option(None, help="mixed: size budget of the quantized weights."),
     calib: Optional[Path] = typer.Option(None, help="Calibration text (default: embedded train-split slice)."),
-    calib_samples: int = typer.Option(128, help="Calibration sequences."),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration sequences (default 128)."),
+    calib_tokens: Optional[int] = typer.Option(None, help="Calibration tokens in all (sequences = N // calib-len)."),
     calib_len: int = typer.Option(512, help="Tokens per calibration sequence."),
+    export: Optional[str] = typer.Option(None, help="gguf: also write OUTPUT/model.gguf for llama.cpp."),
+    gguf_type: str = typer.Option("auto", help="auto (Q8_0 if all 8-bit, else Q4_0), F32, F16, Q8_0 or Q4_0."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ):
-    """Compress a model (pruning for now) and save the artifact with its recipe."""
+    """Prune or quantize a model and save the artifact with its recipe (optionally also as GGUF)."""
     from .compress import compress_
-    from .config import check
     from .io import check_output, load, save
 
-    cfg = _prune_config(prune, sparsity=sparsity, nm=nm, scope=scope, ratio=ratio, unit=unit, importance=importance,
-                        drop=drop, metric=metric, target_params=target_params)
-    check(calib_samples >= 1 and calib_len >= 2, "--calib-samples must be ≥ 1 and --calib-len ≥ 2",
-          "use e.g. --calib-samples 128 --calib-len 512")
+    if (prune is None) == (method is None):
+        raise ConfigError("give exactly one of --prune or --method", "e.g. --method rtn --bits 4, or --prune wanda")
+    quant_options = dict(bits=bits, group_size=group_size, sym=sym or None, act_order=act_order,
+                         target_bits=target_bits, max_size_mb=max_size_mb)
+    if prune is not None:
+        given = [k for k, v in quant_options.items() if v is not None]
+        if given:
+            raise ConfigError(f"{_option(given[0])} is a quantization option, given with --prune",
+                              "quantize with --method in a second `pocketlm compress` run")
+        cfg = _prune_config(prune, sparsity=sparsity, nm=nm, scope=scope, ratio=ratio, unit=unit,
+                            importance=importance, drop=drop, metric=metric, target_params=target_params)
+    else:
+        cfg = _quant_config(method, head=head, **quant_options)
+    samples = _calib_samples(calib_samples, calib_tokens, calib_len)
+    _check_export(export, gguf_type)
     m, tok = load(model)
     check_output(output, overwrite, protect=(m.pocketlm_source.path,))  # fail before the long work
-    applied = compress_(m, cfg, tok=tok, calib=calib, calib_samples=calib_samples, calib_len=calib_len)
+    if export:
+        from .gguf_export import auto_qtype, check_exportable, export_gguf
+        check_exportable(m)  # the architecture; the layers once compressed
+    if method is not None:
+        _check_quant_targets(m, cfg)
+    applied = compress_(m, cfg, tok=tok, calib=calib, calib_samples=samples, calib_len=calib_len)
+    if export:
+        qtype = auto_qtype(m) if gguf_type == "auto" else gguf_type
+        check_exportable(m, qtype)  # before anything is written
     save(m, tok, output, overwrite=overwrite)
     out.print(_compress_table(applied))
     out.print(f"wrote {output}")
+    if export:
+        export_gguf(m, tok, output / "model.gguf", qtype)
+        out.print(f"wrote {output / 'model.gguf'} ({_gguf_note(m, qtype)})")
 
 
 def _compress_table(applied: list[dict]):

@@ -3,6 +3,11 @@
 Uses the `gguf` package for the file format and its reference quantizers. llama.cpp's `llama`
 architecture rotates interleaved pairs while HF Llama rotates halves, so Q and K rows are permuted
 on the way out, as llama.cpp's own converter does.
+
+pocketlm's quantized modules (QuantLinear, W8A8Linear, QuantEmbedding) are written by dequantizing
+their codes to float and quantizing again to the file's type: GGUF has no layout for pocketlm's
+groups, so int8 rows become Q8_0 blocks and int4/int3 groups become Q4_0 blocks of 32 weights
+(one fp16 scale each, no offset), a second rounding. `auto_qtype` picks the type a model's bits fit.
 """
 from __future__ import annotations
 
@@ -11,11 +16,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
+from .compress.quant.linear import QuantEmbedding, QuantLinear, W8A8Linear
 from .errors import UnsupportedModelError
 from .io import atomic_write_path
 
 QTYPES = ("F32", "F16", "Q8_0", "Q4_0")
+BLOCK = {"Q8_0": 32, "Q4_0": 32}  # weights per quantization block (along a row)
 
 
 def _permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -23,39 +31,88 @@ def _permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _check(model) -> None:
+def quantized_bits(model) -> list[int]:
+    """The bits of every quantized module (W8A8: 8); empty for a float model."""
+    return [m.bits if isinstance(m, QuantLinear) else 8 for m in model.modules()
+            if isinstance(m, (QuantLinear, W8A8Linear))]
+
+
+def auto_qtype(model) -> str:
+    """The GGUF type a model's quantization fits: Q8_0 when every quantized layer is 8-bit, Q4_0 when
+    any has fewer bits, F32 for a float model."""
+    bits = quantized_bits(model)
+    return "F32" if not bits else "Q8_0" if min(bits) == 8 else "Q4_0"
+
+
+# per decoder block: HF module → llama.cpp tensor name
+BLOCK_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+_MATRICES = (nn.Linear, nn.Embedding, QuantLinear, W8A8Linear, QuantEmbedding)  # what _float_weights reads
+
+
+def _matrix_modules(model) -> list[str]:
+    """Names of the modules whose 2-D weights the file holds."""
+    cfg = model.config
+    names = ["model.embed_tokens", *([] if cfg.tie_word_embeddings else ["lm_head"])]
+    return names + [f"model.layers.{i}.{hf}" for i in range(cfg.num_hidden_layers) for hf in BLOCK_NAMES
+                    if hf.endswith("_proj")]
+
+
+def check_exportable(model, qtype: str | None = None) -> None:
+    """Raise UnsupportedModelError unless `model` can be written as GGUF `qtype` (None: check only
+    the architecture, before a model is compressed). Writes nothing."""
     cfg = model.config
     if cfg.model_type not in ("llama", "mistral"):
         raise UnsupportedModelError(f"GGUF export supports llama/mistral models, not {cfg.model_type}",
                                     "export a Llama-architecture model")
-    if any(type(m).__name__ == "QuantLinear" for m in model.modules()):
-        raise UnsupportedModelError("GGUF export takes the float model; this one is already quantized",
-                                    "export the float model with qtype Q8_0 or Q4_0")
+    if qtype is None:
+        return
+    if qtype not in QTYPES:
+        raise UnsupportedModelError(f"GGUF type {qtype} is not supported", f"use one of {', '.join(QTYPES)}")
     if getattr(model, "pocketlm_record", {}).get("layer_shapes"):
         raise UnsupportedModelError("GGUF export needs equal layer shapes; this model's layers differ",
                                     "prune with --scope layer for a GGUF-exportable model")
+    for name in _matrix_modules(model):
+        m = model.get_submodule(name)
+        if not isinstance(m, _MATRICES):
+            raise UnsupportedModelError(f"GGUF export cannot express '{name}' ({type(m).__name__})",
+                                        "export a model whose layers are float, QuantLinear or W8A8Linear")
+        width = getattr(m, "in_features", None) or m.embedding_dim
+        if qtype in BLOCK and width % BLOCK[qtype]:
+            raise UnsupportedModelError(f"GGUF {qtype} stores blocks of {BLOCK[qtype]} weights, but '{name}' has rows "
+                                        f"of {width}", "export with --gguf-type F16 or F32")
 
 
 def _tensors(model):
     """(gguf name, fp32 numpy array) in llama.cpp's naming."""
     cfg = model.config
-    sd = {k: v.detach().float().contiguous().numpy() for k, v in model.state_dict().items()}
+    sd = _float_weights(model)
     yield "token_embd.weight", sd["model.embed_tokens.weight"]
     yield "output_norm.weight", sd["model.norm.weight"]
     if not cfg.tie_word_embeddings:
         yield "output.weight", sd["lm_head.weight"]
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
     for i in range(cfg.num_hidden_layers):
-        for hf, gg in names.items():
+        for hf, gg in BLOCK_NAMES.items():
             w = sd[f"model.layers.{i}.{hf}.weight"]
             if hf == "self_attn.q_proj":
                 w = _permute_rope(w, cfg.num_attention_heads)
             elif hf == "self_attn.k_proj":
                 w = _permute_rope(w, cfg.num_key_value_heads)
             yield f"blk.{i}.{gg}.weight", w
+
+
+def _float_weights(model) -> dict[str, np.ndarray]:
+    """Every parameter as fp32 numpy by its state-dict name; a quantized module's `weight` is its
+    dequantized codes (a QuantEmbedding's: its int8 table's rows)."""
+    weights = dict(model.named_parameters(remove_duplicate=False))  # tied names both present
+    for name, m in model.named_modules():
+        if isinstance(m, (QuantLinear, W8A8Linear)):
+            weights[f"{name}.weight"] = m.dequantize()
+        elif isinstance(m, QuantEmbedding):
+            weights[f"{name}.weight"] = m.table[0].dequantize()
+    return {k: v.detach().float().cpu().contiguous().numpy() for k, v in weights.items()}
 
 
 def _tokenizer(writer, tok) -> None:
@@ -82,11 +139,13 @@ def _tokenizer(writer, tok) -> None:
 
 def export_gguf(model, tok, out: str | os.PathLike, qtype: str = "F32") -> Path:
     """Write `model` as one GGUF file. Norms stay F32; with Q8_0/Q4_0 every 2-D weight is quantized
-    (llama.cpp's own recipe keeps a few tensors at higher precision; this one does not)."""
+    (llama.cpp's own recipe keeps a few tensors at higher precision; this one does not).
+
+    qtype: F32 (default), F16, Q8_0, Q4_0, or "auto" (`auto_qtype`: the type the model's quantization
+    fits). A quantized model is dequantized and re-quantized to `qtype` (see the module docstring)."""
     import gguf
-    if qtype not in QTYPES:
-        raise UnsupportedModelError(f"GGUF type {qtype} is not supported", f"use one of {', '.join(QTYPES)}")
-    _check(model)
+    qtype = auto_qtype(model) if qtype == "auto" else qtype
+    check_exportable(model, qtype)
     cfg = model.config
     ftype = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
              "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[qtype]

@@ -3,7 +3,13 @@ from .api import PassConfig, compress_, register_pass
 from .prune.configs import (HeadPruneConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig, SparseGPTConfig,
                             WandaConfig, WidthPruneConfig)
 from .prune import sparsify, structured  # noqa: F401  (registers the pruning handlers)
+from .quant.awq import AWQConfig
+from .quant.gptq import GPTQConfig
+from .quant.mixed import MixedPrecisionConfig
+from .quant.progressive import ProgressiveConfig
 from .quant.rtn import RTNConfig
+from .quant.smoothquant import SmoothQuantConfig
 
 __all__ = ["PassConfig", "compress_", "register_pass", "MagnitudeConfig", "WandaConfig", "SparseGPTConfig",
-           "HeadPruneConfig", "MlpPruneConfig", "LayerDropConfig", "WidthPruneConfig", "RTNConfig"]
+           "HeadPruneConfig", "MlpPruneConfig", "LayerDropConfig", "WidthPruneConfig", "RTNConfig", "GPTQConfig",
+           "AWQConfig", "SmoothQuantConfig", "ProgressiveConfig", "MixedPrecisionConfig"]

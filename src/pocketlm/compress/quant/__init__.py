@@ -1,2 +1,3 @@
-"""Weight quantization: round-to-nearest int8/int4 with packed CPU kernels (GPTQ, AWQ, SmoothQuant,
-mixed precision and quantized artifacts come with the quantization issue)."""
+"""Weight quantization: RTN, GPTQ, AWQ, progressive and mixed precision (weight-only int8/int4/int3) and
+SmoothQuant W8A8, with torch's packed CPU kernels and artifacts that transformers can load."""
+from . import hf_quantizer  # noqa: F401  (lets transformers load pocketlm artifacts; registers lazily)

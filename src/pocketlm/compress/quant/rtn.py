@@ -62,7 +62,7 @@ def finish_head(model, cfg: WeightQuantConfig, stats: dict) -> dict:
 @register_pass(RTNConfig)
 @torch.no_grad()
 def _rtn(model, cfg: RTNConfig, ctx) -> dict:
-    targets = check_targets(model, cfg.scheme)
+    targets = check_targets(model, cfg.scheme, head=cfg.head)
     before = after = 0
     for name, lin in targets.items():
         q = QuantLinear.from_linear(lin, cfg.scheme)

@@ -26,9 +26,18 @@ def decoder_linears(model) -> dict[str, nn.Linear]:
             for name, m in layer_linears(layer).items()}
 
 
-def check_targets(model, scheme: Scheme, names: list[str] | None = None) -> dict[str, nn.Linear]:
-    """The linears to quantize (all, or `names`), refusing a model with none or a group size that
-    does not divide an input width, before any layer changes."""
+def check_head(model) -> None:
+    """Refuse head quantization of a model whose head/embedding are not plain layers."""
+    if type(model.get_output_embeddings()) is not nn.Linear or type(model.get_input_embeddings()) is not nn.Embedding:
+        raise ConfigError("the LM head or the embedding is not a plain linear/embedding layer",
+                          "quantize without the head option")
+
+
+def check_targets(model, scheme: Scheme, names: list[str] | None = None, head: bool = False) -> dict[str, nn.Linear]:
+    """The linears to quantize (all, or `names`), refusing a model with none, a group size that does
+    not divide an input width, or (with `head`) a head that cannot be quantized, before any change."""
+    if head:
+        check_head(model)
     linears = decoder_linears(model)
     if names is not None:
         linears = {n: linears[n] for n in names}
@@ -51,10 +60,8 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_head_(model) -> dict:
     """Quantize the LM head to an int8 table (per row) and make the embedding look up its rows from
     the same table when the two are tied (else from its own int8 table)."""
+    check_head(model)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if type(head) is not nn.Linear or type(emb) is not nn.Embedding:
-        raise ConfigError("the LM head or the embedding is not a plain linear/embedding layer",
-                          "quantize without the head option")
     tied = head.weight.data_ptr() == emb.weight.data_ptr()
     table = QuantLinear.from_linear(head, Scheme(8))
     model.lm_head = table

@@ -1,0 +1,112 @@
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import pocketlm
+from pocketlm.compress.quant.awq import AWQConfig, fold_scale_, input_sites
+from pocketlm.compress.quant.linear import QuantLinear
+from pocketlm.compress.quant.rtn import RTNConfig
+from pocketlm.errors import ConfigError
+from pocketlm.io import ASSETS
+
+
+def _text_ids(tok, n=256):
+    return torch.tensor(tok((ASSETS / "data" / "test.txt").read_text()[:8000])["input_ids"][:n]).view(2, -1)
+
+
+def _kl(ref, model, x):
+    with torch.no_grad():
+        logp = model(x).logits.log_softmax(-1)
+    return (ref.exp() * (ref - logp)).sum(-1).mean().item()
+
+
+def _mha_llama():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("which", ["tiny", "mha"])
+def test_folding_scales_keeps_the_float_function(tiny, which):
+    model = copy.deepcopy(tiny[0]) if which == "tiny" else _mha_llama()
+    x = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        ref = model(x).logits
+    g = torch.Generator().manual_seed(0)
+    folded = []
+    for layer in model.model.layers:
+        for site in input_sites(layer):
+            if site.prev is not None:
+                k = layer.get_submodule(site.names[0]).in_features
+                fold_scale_(layer, site, torch.exp(torch.empty(k).uniform_(-2, 2, generator=g)))
+                folded.append(site.names)
+    # tiny has GQA: o_proj is folded into v_proj only in the MHA model
+    assert (("self_attn.o_proj",) in folded) == (which == "mha")
+    assert ("mlp.down_proj",) in folded and ("mlp.gate_proj", "mlp.up_proj") in folded
+    assert not torch.equal(model.model.layers[0].input_layernorm.weight,
+                           (tiny[0] if which == "tiny" else _mha_llama()).model.layers[0].input_layernorm.weight)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_awq_int3_beats_rtn_on_real_text(tiny):
+    tok = tiny[1]
+    x = _text_ids(tok)
+    with torch.no_grad():
+        ref = tiny[0](x).logits.log_softmax(-1)
+    kl = {}
+    for cfg in (RTNConfig(bits=3, group_size=32), AWQConfig(bits=3, group_size=32)):
+        model = copy.deepcopy(tiny[0])
+        stats = pocketlm.compress_(model, cfg, tok=tok, calib_samples=8, calib_len=64, show_progress=False)[0]["stats"]
+        assert stats["layers"] == 7 * model.config.num_hidden_layers
+        kl[cfg.kind] = _kl(ref, model, x)
+    assert 0 <= stats["mean_alpha"] < 1
+    assert kl["awq"] < 0.9 * kl["rtn"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pocketlm.compress.quant.gptq") is None, reason="no GPTQ module")
+def test_awq_then_gptq_runs_and_beats_rtn(tiny):
+    tok = tiny[1]
+    x = _text_ids(tok)
+    with torch.no_grad():
+        ref = tiny[0](x).logits.log_softmax(-1)
+    kl = {}
+    for cfg in (RTNConfig(bits=3, group_size=32), AWQConfig(bits=3, group_size=32, then="gptq", clip=False)):
+        model = copy.deepcopy(tiny[0])
+        pocketlm.compress_(model, cfg, tok=tok, calib_samples=8, calib_len=64, show_progress=False)
+        kl[cfg.kind] = _kl(ref, model, x)
+    assert kl["awq"] < 0.9 * kl["rtn"]
+
+
+def test_bad_settings_change_nothing(tiny):
+    with pytest.raises(ConfigError, match=r"\(4, 3\) bits, not 8"):
+        AWQConfig(bits=8)
+    with pytest.raises(ConfigError, match="unknown rounding"):
+        AWQConfig(then="hqq")
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    norm = model.model.layers[0].input_layernorm.weight.clone()
+    with pytest.raises(ConfigError, match="needs the tokenizer"):
+        pocketlm.compress_(model, AWQConfig(group_size=32))
+    with pytest.raises(ConfigError, match=r"does not divide input width\(s\) \[352\]"):
+        pocketlm.compress_(model, AWQConfig(group_size=128), tok=tok, calib_samples=2, calib_len=16)
+    assert all(type(m) is not QuantLinear for m in model.modules())
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, norm)
+
+
+def test_awq_artifact_reloads_bit_exactly(tmp_path, tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    pocketlm.compress_(model, AWQConfig(bits=4, group_size=32, head=True), tok=tok, calib_samples=8, calib_len=64,
+                       show_progress=False)
+    out = pocketlm.save(model, tok, tmp_path / "awq")
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["modules"]["model.layers.0.mlp.down_proj"] == {"type": "weight_only", "bits": 4, "group_size": 32,
+                                                               "sym": False}
+    again, _ = pocketlm.load(out)
+    x = torch.randint(0, 8192, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)
