@@ -23,6 +23,8 @@ from ...progress import progress_bar
 from ..api import PassConfig, register_pass
 from .linear import QuantLinear
 from .primitives import Scheme, dequantize_matrix, quantize_matrix
+from ..calibration import decoder_layers, walk_layers
+from .gptq import WALK_BATCH, quantize_layer_
 from .rtn import GROUP_SIZES
 from .swap import check_targets, quantize_head_, set_module
 
@@ -185,8 +187,12 @@ def _mixed(model, cfg: MixedPrecisionConfig, ctx) -> dict:
 def apply_bits_(model, linears: dict[str, nn.Linear], schemes: dict[str, Scheme], cfg, ctx) -> None:
     """Quantize each linear with its own scheme, by RTN or GPTQ."""
     if cfg.method == "gptq":
-        from .gptq import quantize_layers_gptq_
-        quantize_layers_gptq_(model, schemes, ctx)
+        walk = walk_layers(model, ctx.tokens, batch_size=WALK_BATCH, store_dtype=torch.bfloat16)  # as GPTQ
+        for i, layer, inputs, kwargs in progress_bar(walk, "gptq", show=ctx.show_progress,
+                                                      total=len(decoder_layers(model))):
+            prefix = f"model.layers.{i}."
+            quantize_layer_(layer, inputs, kwargs, {n[len(prefix):]: s for n, s in schemes.items()
+                                                    if n.startswith(prefix)}, act_order=True)
         return
     for name, lin in linears.items():
         set_module(model, name, QuantLinear.from_linear(lin, schemes[name]))
