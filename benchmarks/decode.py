@@ -7,9 +7,9 @@ repeat each per round, and every ratio is a median over rounds of same-round rat
 - transformers fp32 `generate` (the baseline), pocketlm fp32 eager and compiled;
 - llama.cpp through llama-cpp-python at F32, Q8_0 and Q4_0 (GGUF written by pocketlm.gguf_export),
   batch 1; skipped with a message when llama-cpp-python is not installed;
-- pocketlm int8 and int4 (RTN: int8 per channel, int4 groups of 128, LM head included; torch's packed CPU
-  kernels with bf16 activations), compiled,
-  against llama.cpp Q8_0 / Q4_0 in the same rounds;
+- pocketlm int8 and int4 (RTN: int8 per channel, int4 groups of 128, LM head and embedding as one int8
+  table; torch's packed CPU kernels with bf16 activations), compiled, against llama.cpp Q8_0 / Q4_0
+  in the same rounds;
 - greedy identity: 64 prompts × 32 new tokens, engine vs transformers, on small, moe, tiny, reasoner;
 - the bandwidth bound: weight bytes read per token ÷ measured memory read bandwidth.
 
@@ -218,7 +218,7 @@ def main() -> None:
         "fp32_bandwidth_bound_tok_s": fp32_bound,
         "fp32_matmul_only_ms_per_token": floor_ms, "vs_llama_cpp": vs_llama, "llama_cpp": llama_note,
         "int8_int4": "RTN weight-only (int8 per output channel; int4 asymmetric, groups of 128) on every decoder "
-                     "linear and the LM head (untied; the embedding stays fp32 for lookups), bf16 activations in "
+                     "linear; the tied LM head and embedding as one int8 table (per row), bf16 activations in "
                      "torch's packed CPU kernels; llama.cpp's Q8_0/Q4_0 quantize every matrix in blocks of 32",
         "greedy_identity": identity,
         "targets": {"pocketlm fp32 / transformers fp32 (b1)": "≥ 3×", "batch 8 / batch 1 throughput": "≥ 4×"}})

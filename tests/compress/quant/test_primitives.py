@@ -41,3 +41,15 @@ def test_more_bits_and_smaller_groups_lower_the_error():
 def test_int8_is_always_symmetric_per_channel():
     s = Scheme(8, 128, sym=False)
     assert s.sym and s.group_size is None and s.bits_per_weight(256) == 8 + 16 / 256
+
+
+@pytest.mark.parametrize("scheme", [Scheme(4, 32), Scheme(3, 32, sym=True)])
+def test_range_search_never_rounds_worse_and_helps_heavy_tails(scheme):
+    torch.manual_seed(0)
+    w = torch.distributions.StudentT(3.0).sample((64, 32))  # a few extreme weights per group
+
+    def err(search):
+        s, z = P.params(w, scheme, search)
+        return (P.dequantize(P.quantize(w, s, z, scheme.bits), s, z, scheme.bits) - w).abs().pow(2.4).sum(-1)
+    plain, searched = err(0), err(20)
+    assert (searched <= plain + 1e-6).all() and searched.sum() < 0.9 * plain.sum()

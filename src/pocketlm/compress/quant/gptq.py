@@ -47,7 +47,7 @@ def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp: float = 0.01,
-                         act_order: bool = False, block: int = 128
+                         act_order: bool = False, block: int = 128, range_search: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ codes of one weight matrix.
 
@@ -59,6 +59,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp:
             "static": each contiguous group's (scale, zero) comes from the original W before any
             update, so the codes keep the contiguous group layout the kernel reads.
         block: columns per lazy-update block (default 128; widened to whole groups).
+        range_search: narrower ranges tried per group for the least rounding error (primitives.params).
     Returns: codes (N, K) int32, scale and zero (N, K // group) as QuantLinear.from_codes takes them.
     """
     N, K = W.shape
@@ -70,7 +71,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp:
     W[:, dead] = 0.0
     static = act_order or g == K  # int8 (one group per row): its parameters come from the full W once
     if static:
-        scale, zero = P.params(W.reshape(N, K // g, g), scheme)  # (N, G) each
+        scale, zero = P.params(W.reshape(N, K // g, g), scheme, range_search)  # (N, G) each
     else:
         scale, zero = W.new_zeros(N, K // g), W.new_zeros(N, K // g)
         block = -(-block // g) * g  # whole groups per block, so a group's parameters see every earlier update
@@ -89,7 +90,7 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp:
         for i in range(i2 - i1):
             j = i1 + i
             if not static and j % g == 0:  # a group starts: its parameters from the updated weights
-                scale[:, j // g], zero[:, j // g] = P.params(W1[:, i:i + g], scheme)
+                scale[:, j // g], zero[:, j // g] = P.params(W1[:, i:i + g], scheme, range_search)
             s, z = scale[:, group_of[j]], zero[:, group_of[j]]  # (N,) each
             w = W1[:, i:i + 1]  # (N, 1)
             q = P.quantize(w, s, z, scheme.bits)
@@ -131,7 +132,8 @@ def _hessian_hooks(linears: dict[str, nn.Linear]) -> tuple[dict[str, InputStats]
 
 @torch.no_grad()
 def quantize_layer_(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, scheme: Scheme | dict[str, Scheme],
-                    damp: float = 0.01, act_order: bool = False, block: int = 128) -> list[float]:
+                    damp: float = 0.01, act_order: bool = False, block: int = 128,
+                    range_search: int = 0) -> list[float]:
     """GPTQ every plain linear of one decoder layer in place: their Hessians from one pass over
     `inputs` (held (B, L, hidden) batches), then each is rounded and swapped for a QuantLinear.
     `scheme`: one for all, or one per linear by its name in the layer (mixed precision).
@@ -152,7 +154,7 @@ def quantize_layer_(layer: nn.Module, inputs: list[torch.Tensor], kwargs: dict, 
             set_module(layer, name, QuantLinear.from_linear(lin, scheme))
             continue
         H = stats.hessian_matrix.to(lin.weight.device)
-        q, s, z = gptq_quantize_weight(lin.weight, H, scheme, damp, act_order, block)
+        q, s, z = gptq_quantize_weight(lin.weight, H, scheme, damp, act_order, block, range_search)
         errors.append(proxy_error(lin.weight, P.dequantize_matrix(q, s, z, scheme.bits), H))
         set_module(layer, name, QuantLinear.from_codes(q, s, z, scheme, lin.bias, lin.weight.dtype))
     return errors
@@ -179,12 +181,14 @@ class GPTQConfig(WeightQuantConfig):
     damp: Hessian dampening as a fraction of its mean diagonal (default 0.01).
     act_order: round columns by descending activation energy, with static groups (default True).
     block: columns per lazy-update block (default 128).
+    range_search: narrower ranges tried per group, keeping the least rounding error (default 20; 0: min/max).
     """
 
     bits: int = 4
     damp: float = 0.01
     act_order: bool = True
     block: int = 128
+    range_search: int = 20
 
     kind: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
@@ -192,6 +196,7 @@ class GPTQConfig(WeightQuantConfig):
     def validate(self) -> None:
         super().validate()
         check_gptq_options(self.damp, self.block)
+        check(self.range_search >= 0, f"range_search {self.range_search} is negative", "use e.g. 20 (0: min/max)")
 
 
 @register_pass(GPTQConfig)
@@ -202,7 +207,8 @@ def _gptq(model, cfg: GPTQConfig, ctx) -> dict:
     walk = walk_layers(model, ctx.tokens, batch_size=WALK_BATCH, store_dtype=torch.bfloat16)
     for _i, layer, inputs, kwargs in progress_bar(walk, "gptq", show=ctx.show_progress,
                                                    total=len(decoder_layers(model))):
-        errors += quantize_layer_(layer, inputs, kwargs, cfg.scheme, cfg.damp, cfg.act_order, cfg.block)
+        errors += quantize_layer_(layer, inputs, kwargs, cfg.scheme, cfg.damp, cfg.act_order, cfg.block,
+                                  cfg.range_search)
     stats = {"layers": len(targets), "linear_bytes_before": linear_bytes(targets),
              "linear_bytes_after": quant_bytes(model),
              "mean_relative_output_error": sum(errors) / max(len(errors), 1)}

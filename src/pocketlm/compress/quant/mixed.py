@@ -192,7 +192,7 @@ def apply_bits_(model, linears: dict[str, nn.Linear], schemes: dict[str, Scheme]
                                                       total=len(decoder_layers(model))):
             prefix = f"model.layers.{i}."
             quantize_layer_(layer, inputs, kwargs, {n[len(prefix):]: s for n, s in schemes.items()
-                                                    if n.startswith(prefix)}, act_order=True)
+                                                    if n.startswith(prefix)}, act_order=True, range_search=20)
         return
     for name, lin in linears.items():
         set_module(model, name, QuantLinear.from_linear(lin, schemes[name]))

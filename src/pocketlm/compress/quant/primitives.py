@@ -44,21 +44,44 @@ class Scheme:
         return self.bits + params / self.group(in_features)
 
 
-def params(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor]:
+def params(w: torch.Tensor, scheme: Scheme, search: int = 0, max_shrink: float = 0.2
+           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and offset of each row of `w` (..., g): every row is one group. Returned in fp32 holding
-    bf16-representable values."""
-    lo_code, hi_code = CODES[scheme.bits]
+    bf16-representable values.
+
+    search: also try this many narrower ranges, down to (1 − max_shrink) of min/max, and keep per
+    group the one with the least rounding error (‖·‖^2.4, GPTQ's `mse` option: clipping a rare
+    extreme weight buys finer steps for all the others). 0: min/max (or max |w|) only.
+    """
     w = w.float()
+    scale, zero = _range_params(w, scheme, 1.0)
+    if not search:
+        return scale, zero
+    best = _rounding_error(w, scale, zero, scheme.bits)
+    for i in range(1, search + 1):
+        s, z = _range_params(w, scheme, 1 - max_shrink * i / search)
+        err = _rounding_error(w, s, z, scheme.bits)
+        better = err < best
+        scale, zero, best = torch.where(better, s, scale), torch.where(better, z, zero), torch.minimum(err, best)
+    return scale, zero
+
+
+def _range_params(w: torch.Tensor, scheme: Scheme, shrink: float) -> tuple[torch.Tensor, torch.Tensor]:
+    lo_code, hi_code = CODES[scheme.bits]
     if scheme.sym:
         centre = (lo_code + hi_code + 1) // 2
-        scale = w.abs().amax(-1) / (hi_code - centre)
+        scale = w.abs().amax(-1) * shrink / (hi_code - centre)
         zero = (MID[scheme.bits] - centre) * scale
     else:
-        lo, hi = w.amin(-1), w.amax(-1)
+        lo, hi = w.amin(-1) * shrink, w.amax(-1) * shrink
         scale = (hi - lo) / (hi_code - lo_code)
         zero = lo - (lo_code - MID[scheme.bits]) * scale
     scale = scale.clamp(min=1e-8).to(PARAM_DTYPE).float()
     return scale, zero.to(PARAM_DTYPE).float()
+
+
+def _rounding_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return (dequantize(quantize(w, scale, zero, bits), scale, zero, bits) - w).abs().pow(2.4).sum(-1)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
@@ -72,11 +95,13 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: i
     return (q.float() - MID[bits]) * scale[..., None] + zero[..., None]
 
 
-def quantize_matrix(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Round-to-nearest of a whole (N, K) matrix → codes (N, K), scale and zero (N, K // group)."""
+def quantize_matrix(w: torch.Tensor, scheme: Scheme, search: int = 0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round-to-nearest of a whole (N, K) matrix → codes (N, K), scale and zero (N, K // group);
+    `search` as in `params`."""
     N, K = w.shape
     wg = w.float().reshape(N, K // scheme.group(K), scheme.group(K))
-    scale, zero = params(wg, scheme)
+    scale, zero = params(wg, scheme, search)
     return quantize(wg, scale, zero, scheme.bits).reshape(N, K), scale, zero
 
 

@@ -110,7 +110,7 @@ class ProgressiveConfig(WeightQuantConfig):
     """Progressive GPTQ with layer-wise re-fitting (see WeightQuantConfig for bits, group_size, sym, head).
 
     steps: Adam steps of the re-fit per block (default 100); lr: its learning rate (default 1e-3).
-    damp, act_order: as GPTQConfig.
+    damp, act_order, range_search: as GPTQConfig.
     """
 
     bits: int = 3
@@ -118,6 +118,7 @@ class ProgressiveConfig(WeightQuantConfig):
     lr: float = 1e-3
     damp: float = 0.01
     act_order: bool = True
+    range_search: int = 20
 
     kind: ClassVar[str] = "progressive"
     needs_calibration: ClassVar[bool] = True
@@ -139,7 +140,8 @@ def _progressive(model, cfg: ProgressiveConfig, ctx) -> dict:
     errors, before, after = [], [], []
     for layer in progress_bar(layers, "progressive", show=ctx.show_progress, total=len(layers)):
         original = copy.deepcopy(layer)
-        errors += quantize_layer_(layer, x_q, kwargs, cfg.scheme, cfg.damp, cfg.act_order)
+        errors += quantize_layer_(layer, x_q, kwargs, cfg.scheme, cfg.damp, cfg.act_order,
+                                  range_search=cfg.range_search)
         advance_(original, x_fp, kwargs)  # x_fp now holds the float block's outputs: the targets
         del original
         b, a = refit_block_(layer, x_q, x_fp, kwargs, cfg.steps, cfg.lr)
