@@ -52,4 +52,5 @@ def test_range_search_never_rounds_worse_and_helps_heavy_tails(scheme):
         s, z = P.params(w, scheme, search)
         return (P.dequantize(P.quantize(w, s, z, scheme.bits), s, z, scheme.bits) - w).abs().pow(2.4).sum(-1)
     plain, searched = err(0), err(20)
-    assert (searched <= plain + 1e-6).all() and searched.sum() < 0.9 * plain.sum()
+    assert (searched <= plain + 1e-6).all()
+    assert (searched < plain - 1e-6).float().mean() > 0.25  # many groups gain from a narrower range
