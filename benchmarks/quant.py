@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    ap.add_argument("--name", default="quant_small", help="results/NAME.json (give another for a partial run)")
     args = parse_reference_args(ap, tokens=32768)
     console = Console()
     base, tok = pocketlm.load(args.model)
@@ -248,7 +249,7 @@ def main() -> None:
     if llama_note:
         console.print(llama_note)
 
-    path = write_result("quant_small", {
+    path = write_result(args.name, {
         "model": args.model, "text": args.text, "tokens": args.tokens, "ctx": 512, "threads": args.threads,
         "calibration": f"embedded train-split slice, {args.calib_samples} × 512 tokens", "fp32": fp32,
         "rows": rows, "llama_cpp_rows": llama_rows, "llama_cpp": llama_note, "best_int4_at_q4_k_m_size": best_int4,
