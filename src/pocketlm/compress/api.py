@@ -9,7 +9,7 @@ import torch
 
 from ..config import BaseConfig
 from ..errors import ConfigError
-from .calibration import calibration_tokens
+from .calibration import calibration_tokens, release_freed_memory
 
 HANDLERS: dict[type, Callable] = {}
 
@@ -47,6 +47,7 @@ class PassContext:
         if self._tokens is None:
             self._tokens, self.calib_hash = calibration_tokens(self.tok, self.calib, samples=self.calib_samples,
                                                                seq_len=self.calib_len)
+            release_freed_memory()  # the tokenizer's buffers for the whole text
         return self._tokens
 
 

@@ -168,6 +168,10 @@ def test_input_stats_matches_direct():
     assert stats.n_rows == flat.shape[0]
     torch.testing.assert_close(stats.col_norm, flat.norm(dim=0))
     torch.testing.assert_close(stats.hessian_matrix, 2 * flat.T @ flat / flat.shape[0])
+    norms_only = InputStats(6, hessian=False)
+    for x in xs:
+        norms_only.add(x)
+    torch.testing.assert_close(norms_only.col_norm, flat.norm(dim=0))
 
 
 def test_input_stats_empty_or_no_hessian_raises():

@@ -40,8 +40,9 @@ class InputStats:
 
     def __init__(self, in_features: int, hessian: bool):
         self.in_features = in_features
-        self._sumsq = torch.zeros(in_features, dtype=torch.float32)  # (in,)
+        # With the Hessian, the squared column norms are its diagonal and need no accumulator.
         self._xtx = torch.zeros(in_features, in_features, dtype=torch.float32) if hessian else None
+        self._sumsq = None if hessian else torch.zeros(in_features, dtype=torch.float32)  # (in,)
         self.n_rows = 0
 
     def add(self, x: Tensor) -> None:
@@ -49,9 +50,10 @@ class InputStats:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, expected {self.in_features}")
         x = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32)  # (N, in)
-        self._sumsq += x.square().sum(0)
         if self._xtx is not None:
-            self._xtx += x.T @ x
+            self._xtx.addmm_(x.T, x)  # in place: no (in, in) temporary per batch
+        else:
+            self._sumsq += x.square().sum(0)
         self.n_rows += x.shape[0]
 
     def _require_data(self) -> None:
@@ -62,7 +64,7 @@ class InputStats:
     def col_norm(self) -> Tensor:
         """‖X_j‖₂ per input column, shape (in,) float32."""
         self._require_data()
-        return self._sumsq.sqrt()
+        return (self._xtx.diagonal() if self._xtx is not None else self._sumsq).sqrt()
 
     @property
     def hessian_matrix(self) -> Tensor:

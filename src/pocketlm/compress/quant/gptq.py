@@ -33,12 +33,18 @@ from .swap import check_targets, layer_linears, set_module
 WALK_BATCH = 1
 
 
-def _upper_cholesky_of_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹: row i holds the update for rounding column i once the columns
-    before it are fixed, so one left-to-right pass needs no re-inversion."""
+def _upper_cholesky_of_inverse(H: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the dampened H⁻¹ in the column order `perm`: row i holds the update for
+    rounding column i once the columns before it are fixed, so one left-to-right pass needs no
+    re-inversion. H is not changed; at most two (K, K) matrices are held besides it."""
+    H = H[perm][:, perm]
+    H.diagonal()[dead[perm]] = 1.0  # inputs that were always zero: their weights cannot matter
+    H.diagonal().add_(damp * H.diagonal().mean())
     L, info = torch.linalg.cholesky_ex(H)
+    del H
     if info == 0:
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        L = torch.cholesky_inverse(L)
+        U, info = torch.linalg.cholesky_ex(L, upper=True)
     if info != 0:
         raise ValueError(f"GPTQ: the Hessian is not positive definite after dampening with damp={damp}; "
                          "raise damp (e.g. 0.1) or use more calibration data")
@@ -65,9 +71,8 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp:
     N, K = W.shape
     g = scheme.group(K)
     W = W.detach().float().clone()
-    H = H.detach().to(W.device, torch.float32).clone()
+    H = H.detach().to(W.device, torch.float32)
     dead = H.diagonal() == 0
-    H[dead, dead] = 1.0  # inputs that were always zero: their weights cannot matter
     W[:, dead] = 0.0
     static = act_order or g == K  # int8 (one group per row): its parameters come from the full W once
     if static:
@@ -76,10 +81,9 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp:
         scale, zero = W.new_zeros(N, K // g), W.new_zeros(N, K // g)
         block = -(-block // g) * g  # whole groups per block, so a group's parameters see every earlier update
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(K, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    W = W[:, perm]
     group_of = (perm // g).tolist()  # each (permuted) column's contiguous group
-    H.diagonal().add_(damp * H.diagonal().mean())
-    Hinv = _upper_cholesky_of_inverse(H, damp)  # (K, K)
+    Hinv = _upper_cholesky_of_inverse(H, perm, dead, damp)  # (K, K)
 
     Q = torch.zeros(N, K, dtype=torch.int32, device=W.device)
     for i1 in range(0, K, block):
@@ -96,9 +100,9 @@ def gptq_quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: Scheme, damp:
             q = P.quantize(w, s, z, scheme.bits)
             Q[:, j] = q[:, 0]
             err = (w - P.dequantize(q, s, z, scheme.bits))[:, 0] / Hinv1[i, i]  # (N,)
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # in place: no (N, b) temporary per column
             Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the later columns
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of the later columns
     return Q[:, torch.argsort(perm)], scale, zero
 
 
@@ -203,13 +207,14 @@ class GPTQConfig(WeightQuantConfig):
 @torch.no_grad()
 def _gptq(model, cfg: GPTQConfig, ctx) -> dict:
     targets = check_targets(model, cfg.scheme, head=cfg.head)
+    n_layers, bytes_before = len(targets), linear_bytes(targets)
+    del targets  # holding the float linears would keep their weights alive after each swap
     errors: list[float] = []
     walk = walk_layers(model, ctx.tokens, batch_size=WALK_BATCH, store_dtype=torch.bfloat16)
     for _i, layer, inputs, kwargs in progress_bar(walk, "gptq", show=ctx.show_progress,
                                                    total=len(decoder_layers(model))):
         errors += quantize_layer_(layer, inputs, kwargs, cfg.scheme, cfg.damp, cfg.act_order, cfg.block,
                                   cfg.range_search)
-    stats = {"layers": len(targets), "linear_bytes_before": linear_bytes(targets),
-             "linear_bytes_after": quant_bytes(model),
+    stats = {"layers": n_layers, "linear_bytes_before": bytes_before, "linear_bytes_after": quant_bytes(model),
              "mean_relative_output_error": sum(errors) / max(len(errors), 1)}
     return finish_head(model, cfg, stats)

@@ -20,7 +20,8 @@ from torch import nn
 from ...config import check, register_config
 from ...progress import progress_bar
 from ..api import register_pass
-from ..calibration import advance_, decoder_layers, first_layer_inputs, run_layer
+from ..calibration import (advance_, copy_inputs, decoder_layers, first_layer_inputs, large_blocks_returned,
+                           run_layer)
 from . import primitives as P
 from .gptq import check_gptq_options, linear_bytes, quant_bytes, quantize_layer_
 from .linear import QuantLinear
@@ -134,21 +135,24 @@ class ProgressiveConfig(WeightQuantConfig):
 @torch.no_grad()
 def _progressive(model, cfg: ProgressiveConfig, ctx) -> dict:
     targets = check_targets(model, cfg.scheme, head=cfg.head)
+    n_layers, bytes_before = len(targets), linear_bytes(targets)
+    del targets  # holding the float linears would keep their weights alive after each swap
     layers = decoder_layers(model)
-    x_fp, kwargs = first_layer_inputs(model, ctx.tokens, store_dtype=torch.bfloat16)  # teacher stream
-    x_q = list(x_fp)  # student stream: the same tensors until the first block differs
-    errors, before, after = [], [], []
-    for layer in progress_bar(layers, "progressive", show=ctx.show_progress, total=len(layers)):
-        original = copy.deepcopy(layer)
-        errors += quantize_layer_(layer, x_q, kwargs, cfg.scheme, cfg.damp, cfg.act_order,
-                                  range_search=cfg.range_search)
-        advance_(original, x_fp, kwargs)  # x_fp now holds the float block's outputs: the targets
-        del original
-        b, a = refit_block_(layer, x_q, x_fp, kwargs, cfg.steps, cfg.lr)
-        before.append(b)
-        after.append(a)
-        advance_(layer, x_q, kwargs)
-    stats = {"layers": len(targets), "linear_bytes_before": linear_bytes(targets),
+    with large_blocks_returned():  # as walk_layers
+        x_fp, kwargs = first_layer_inputs(model, ctx.tokens, store_dtype=torch.bfloat16)  # teacher stream
+        x_q = copy_inputs(x_fp)  # student stream (advance_ overwrites each stream in place)
+        errors, before, after = [], [], []
+        for layer in progress_bar(layers, "progressive", show=ctx.show_progress, total=len(layers)):
+            original = copy.deepcopy(layer)
+            errors += quantize_layer_(layer, x_q, kwargs, cfg.scheme, cfg.damp, cfg.act_order,
+                                      range_search=cfg.range_search)
+            advance_(original, x_fp, kwargs)  # x_fp now holds the float block's outputs: the targets
+            del original
+            b, a = refit_block_(layer, x_q, x_fp, kwargs, cfg.steps, cfg.lr)
+            before.append(b)
+            after.append(a)
+            advance_(layer, x_q, kwargs)
+    stats = {"layers": n_layers, "linear_bytes_before": bytes_before,
              "linear_bytes_after": quant_bytes(model),
              "mean_relative_output_error": sum(errors) / max(len(errors), 1),
              "block_mse_before": before, "block_mse_after": after}
