@@ -206,7 +206,7 @@ def _prune_config(prune: str, *, sparsity, nm, scope, ratio, unit, importance, d
 QUANT_METHODS = {
     "rtn": ("rtn", "RTNConfig", ("bits", "group_size", "sym", "head")),
     "gptq": ("gptq", "GPTQConfig", ("bits", "group_size", "sym", "head", "act_order")),
-    "awq": ("awq", "AWQConfig", ("bits", "group_size", "sym", "head")),
+    "awq": ("awq", "AWQConfig", ("bits", "group_size", "sym", "head", "then")),
     "smoothquant": ("smoothquant", "SmoothQuantConfig", ("head",)),
     "progressive": ("progressive", "ProgressiveConfig", ("bits", "group_size", "sym", "head", "act_order")),
     "mixed": ("mixed", "MixedPrecisionConfig", ("target_bits", "max_size_mb", "group_size", "sym", "head")),
@@ -302,6 +302,7 @@ def compress_cmd(
     head: bool = typer.Option(True, "--head/--no-head", help="Quantize the LM head and embedding to int8."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
                                              help="gptq/progressive: round columns by activation energy."),
+    then: Optional[str] = typer.Option(None, help="awq: rounding after the scale search, rtn (default) or gptq."),
     target_bits: Optional[float] = typer.Option(None, help="mixed: average bits per weight, e.g. 4.5."),
     max_size_mb: Optional[float] = typer.Option(None, help="mixed: size budget of the quantized weights."),
     calib: Optional[Path] = typer.Option(None, help="Calibration text (default: embedded train-split slice)."),
@@ -318,7 +319,7 @@ def compress_cmd(
 
     if (prune is None) == (method is None):
         raise ConfigError("give exactly one of --prune or --method", "e.g. --method rtn --bits 4, or --prune wanda")
-    quant_options = dict(bits=bits, group_size=group_size, sym=sym or None, act_order=act_order,
+    quant_options = dict(bits=bits, group_size=group_size, sym=sym or None, act_order=act_order, then=then,
                          target_bits=target_bits, max_size_mb=max_size_mb)
     if prune is not None:
         given = [k for k, v in quant_options.items() if v is not None]
