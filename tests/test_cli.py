@@ -311,8 +311,10 @@ def test_compress_quant_bad_input(tmp_path, capsys, options, needle):
 @pytest.mark.parametrize("method, options, needle", [
     ("awq", ["--bits", "8"], "awq supports"),
     ("gptq", ["--bits", "2"], "gptq supports"),
+    ("awq", ["--then", "hqq"], "unknown rounding 'hqq'"),
+    ("gptq", ["--then", "gptq"], "does not take --then"),
 ])
-def test_compress_bits_the_method_does_not_support(tmp_path, capsys, method, options, needle):
+def test_compress_options_the_method_does_not_take(tmp_path, capsys, method, options, needle):
     pytest.importorskip(f"pocketlm.compress.quant.{method}")
     assert_bad_input(["compress", "tiny", "-o", str(tmp_path / "out"), "--method", method, "--group-size", "32",
                       *options], capsys, tmp_path, needle)

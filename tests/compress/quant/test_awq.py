@@ -1,5 +1,4 @@
 import copy
-import importlib.util
 import json
 
 import pytest
@@ -7,8 +6,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pocketlm
-from pocketlm.compress.quant.awq import AWQConfig, fold_scale_, input_sites
+from pocketlm.compress.quant.awq import AWQConfig, fake_quant, fold_scale_, input_sites, search_scale
 from pocketlm.compress.quant.linear import QuantLinear
+from pocketlm.compress.quant.primitives import Scheme
 from pocketlm.compress.quant.rtn import RTNConfig
 from pocketlm.errors import ConfigError
 from pocketlm.io import ASSETS
@@ -69,7 +69,6 @@ def test_awq_int3_beats_rtn_on_real_text(tiny):
     assert kl["awq"] < 0.9 * kl["rtn"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pocketlm.compress.quant.gptq") is None, reason="no GPTQ module")
 def test_awq_then_gptq_runs_and_beats_rtn(tiny):
     tok = tiny[1]
     x = _text_ids(tok)
@@ -81,6 +80,29 @@ def test_awq_then_gptq_runs_and_beats_rtn(tiny):
         pocketlm.compress_(model, cfg, tok=tok, calib_samples=8, calib_len=64, show_progress=False)
         kl[cfg.kind] = _kl(ref, model, x)
     assert kl["awq"] < 0.9 * kl["rtn"]
+
+
+def test_scale_search_protects_salient_channels_and_restores_the_weights():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g)
+    x[:, :4] *= 30  # a few salient input channels, as LLM activations have
+    w = torch.nn.Parameter(torch.randn(32, 64, generator=g))
+    w0 = w.detach().clone()
+    scheme = Scheme(4, 32)
+    s, alpha = search_scale(lambda: x @ w.T, x.abs().mean(0), [w], scheme)
+    assert torch.equal(w, w0)
+    assert alpha > 0 and s[:4].min() > s[4:].max()
+
+    def err(scale):
+        return (x @ (fake_quant(w0 * scale, scheme) / scale).T - x @ w0.T).square().mean()
+
+    assert err(s) < 0.8 * err(torch.ones(64))
+
+
+def test_defaults_follow_the_rounding():
+    assert (AWQConfig().clips, AWQConfig().ranges) == (True, 0)
+    assert (AWQConfig(then="gptq").clips, AWQConfig(then="gptq").ranges) == (False, 20)
+    assert (AWQConfig(then="gptq", clip=True, range_search=0).clips, AWQConfig(range_search=5).ranges) == (True, 5)
 
 
 def test_bad_settings_change_nothing(tiny):

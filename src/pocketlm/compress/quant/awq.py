@@ -105,7 +105,7 @@ def search_scale(run: Callable[[], torch.Tensor], x_mean: torch.Tensor, weights:
             w.data.copy_((fake_quant(w0.float() * s, scheme) / s).to(w.dtype))
         return (run().float() - ref).square().mean().item()
 
-    best = (math.inf, None, 0.0)
+    best = (math.inf, torch.ones_like(x_mean, dtype=torch.float32), 0.0)
     try:
         for i in range(n_grid):
             alpha = i / n_grid
