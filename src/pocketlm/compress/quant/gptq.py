@@ -173,6 +173,13 @@ def linear_bytes(targets: dict[str, nn.Linear]) -> int:
     return sum(m.weight.numel() * m.weight.element_size() for m in targets.values())
 
 
+def check_and_count(model, cfg: WeightQuantConfig) -> tuple[int, int]:
+    """Check the pass's targets (swap.check_targets); return how many and their float bytes, keeping no
+    reference to them: holding the float linears would keep their weights alive after each swap."""
+    targets = check_targets(model, cfg.scheme, head=cfg.head)
+    return len(targets), linear_bytes(targets)
+
+
 def quant_bytes(model) -> int:
     return sum(m.stored_bytes() for m in decoder_layers(model).modules() if isinstance(m, QuantLinear))
 
@@ -206,9 +213,7 @@ class GPTQConfig(WeightQuantConfig):
 @register_pass(GPTQConfig)
 @torch.no_grad()
 def _gptq(model, cfg: GPTQConfig, ctx) -> dict:
-    targets = check_targets(model, cfg.scheme, head=cfg.head)
-    n_layers, bytes_before = len(targets), linear_bytes(targets)
-    del targets  # holding the float linears would keep their weights alive after each swap
+    n_layers, bytes_before = check_and_count(model, cfg)
     errors: list[float] = []
     walk = walk_layers(model, ctx.tokens, batch_size=WALK_BATCH, store_dtype=torch.bfloat16)
     for _i, layer, inputs, kwargs in progress_bar(walk, "gptq", show=ctx.show_progress,

@@ -23,11 +23,11 @@ from ..api import register_pass
 from ..calibration import (advance_, copy_inputs, decoder_layers, first_layer_inputs, large_blocks_returned,
                            run_layer)
 from . import primitives as P
-from .gptq import check_gptq_options, linear_bytes, quant_bytes, quantize_layer_
+from .gptq import check_and_count, check_gptq_options, quant_bytes, quantize_layer_
 from .linear import QuantLinear
 from .primitives import PARAM_DTYPE
 from .rtn import WeightQuantConfig, finish_head
-from .swap import check_targets, set_module
+from .swap import set_module
 
 
 class _FitLinear(nn.Module):
@@ -134,9 +134,7 @@ class ProgressiveConfig(WeightQuantConfig):
 @register_pass(ProgressiveConfig)
 @torch.no_grad()
 def _progressive(model, cfg: ProgressiveConfig, ctx) -> dict:
-    targets = check_targets(model, cfg.scheme, head=cfg.head)
-    n_layers, bytes_before = len(targets), linear_bytes(targets)
-    del targets  # holding the float linears would keep their weights alive after each swap
+    n_layers, bytes_before = check_and_count(model, cfg)
     layers = decoder_layers(model)
     with large_blocks_returned():  # as walk_layers
         x_fp, kwargs = first_layer_inputs(model, ctx.tokens, store_dtype=torch.bfloat16)  # teacher stream
