@@ -1,7 +1,6 @@
 import copy
 import json
 
-import pytest
 import torch
 
 import pocketlm
@@ -9,12 +8,8 @@ from pocketlm.compress.quant.linear import QuantEmbedding, QuantLinear
 from pocketlm.compress.quant.rtn import RTNConfig
 
 
-@pytest.mark.parametrize("cfg", [RTNConfig(bits=8, head=True), RTNConfig(bits=4, group_size=32),
-                                 RTNConfig(bits=3, group_size=32, sym=True)])
-def test_quantized_artifact_reloads_bit_exactly(tmp_path, tiny, cfg):
-    model, tok = copy.deepcopy(tiny[0]), tiny[1]
-    pocketlm.compress_(model, cfg, tok=tok)
-    out = pocketlm.save(model, tok, tmp_path / "q")
+def test_quantized_artifact_reloads_bit_exactly(rtn_artifact):
+    cfg, model, out = rtn_artifact
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "pocketlm"
     assert qcfg["modules"]["model.layers.0.mlp.down_proj"]["bits"] == cfg.bits

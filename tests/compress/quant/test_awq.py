@@ -54,31 +54,20 @@ def test_folding_scales_keeps_the_float_function(tiny, which):
         assert torch.allclose(model(x).logits, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_awq_int3_beats_rtn_on_real_text(tiny):
+@pytest.mark.parametrize("awq", [AWQConfig(bits=3, group_size=32),
+                                 AWQConfig(bits=3, group_size=32, then="gptq", clip=False)], ids=["rtn", "gptq"])
+def test_awq_int3_beats_rtn_on_real_text(tiny, awq):
     tok = tiny[1]
     x = _text_ids(tok)
     with torch.no_grad():
         ref = tiny[0](x).logits.log_softmax(-1)
     kl = {}
-    for cfg in (RTNConfig(bits=3, group_size=32), AWQConfig(bits=3, group_size=32)):
+    for cfg in (RTNConfig(bits=3, group_size=32), awq):
         model = copy.deepcopy(tiny[0])
         stats = pocketlm.compress_(model, cfg, tok=tok, calib_samples=8, calib_len=64, show_progress=False)[0]["stats"]
         assert stats["layers"] == 7 * model.config.num_hidden_layers
         kl[cfg.kind] = _kl(ref, model, x)
     assert 0 <= stats["mean_alpha"] < 1
-    assert kl["awq"] < 0.9 * kl["rtn"]
-
-
-def test_awq_then_gptq_runs_and_beats_rtn(tiny):
-    tok = tiny[1]
-    x = _text_ids(tok)
-    with torch.no_grad():
-        ref = tiny[0](x).logits.log_softmax(-1)
-    kl = {}
-    for cfg in (RTNConfig(bits=3, group_size=32), AWQConfig(bits=3, group_size=32, then="gptq", clip=False)):
-        model = copy.deepcopy(tiny[0])
-        pocketlm.compress_(model, cfg, tok=tok, calib_samples=8, calib_len=64, show_progress=False)
-        kl[cfg.kind] = _kl(ref, model, x)
     assert kl["awq"] < 0.9 * kl["rtn"]
 
 

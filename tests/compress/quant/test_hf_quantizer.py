@@ -4,7 +4,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -13,12 +12,8 @@ from pocketlm.compress.quant.linear import QuantEmbedding, QuantLinear
 from pocketlm.compress.quant.rtn import RTNConfig
 
 
-@pytest.mark.parametrize("cfg", [RTNConfig(bits=8, head=True), RTNConfig(bits=4, group_size=32),
-                                 RTNConfig(bits=3, group_size=32, sym=True)])
-def test_from_pretrained_matches_pocketlm_load(tmp_path, tiny, cfg):
-    model, tok = copy.deepcopy(tiny[0]), tiny[1]
-    pocketlm.compress_(model, cfg, tok=tok)
-    out = pocketlm.save(model, tok, tmp_path / "q")
+def test_from_pretrained_matches_pocketlm_load(rtn_artifact):
+    cfg, _, out = rtn_artifact
     ours, _ = pocketlm.load(out)
     hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched keys
