@@ -17,6 +17,12 @@ def tiny():
     return pocketlm.load("tiny")
 
 
+@pytest.fixture(scope="session")
+def reasoner():
+    """The embedded reasoner (Qwen3-style chat template with a thinking switch) in fp32, shared."""
+    return pocketlm.load("reasoner")
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")

@@ -87,6 +87,7 @@ def generate_cmd(
     seed: Optional[int] = typer.Option(None, help="Seed for sampling."),
     stop: list[str] = typer.Option([], help="Stop string (repeatable); the text ends before it."),
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
+    repair: bool = typer.Option(False, "--repair", help="Repetition self-repair: roll loops back and block them."),
     compile: bool = typer.Option(False, "--compile", help="Compile the decode step first (pays off on long outputs)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
@@ -101,6 +102,16 @@ def generate_cmd(
     _threads(threads)
     m, tok = load(model, dtype=dtype, device=device)
     gen = Generator(m, tok, compile=compile)
+    if repair:
+        from .runtime.repair import RepairConfig
+        from .runtime.rows import decode_rows
+
+        for rows in decode_rows(gen, [gen.encode(prompt)], max_tokens, sampling, repair=RepairConfig()):
+            pass
+        print(tok.decode(rows[0].tokens, skip_special_tokens=True))
+        Console(stderr=True).print(f"[dim]generated {len(rows[0].tokens)} tokens · {rows[0].repairs} loops repaired "
+                                   f"({rows[0].dropped} tokens rolled back) · finish: {rows[0].finish}[/dim]")
+        return
     pieces, last = [], None
     for last in gen.stream_generate(prompt, max_tokens, sampling, stop_strings=stop):
         pieces.append(last.text)
@@ -392,6 +403,9 @@ def demo_cmd(
 
     path = run_demo(output, tokens=tokens, overwrite=overwrite, console=out)
     out.print(f"report: {path / 'report.html'}")
+
+
+from . import cli_reason  # noqa: E402,F401  (registers chat, reason and router on `app`)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,11 +31,6 @@ def engine_greedy(gen, ids, n):
     return [int(t[0]) for t, _ in gen.generate_step([ids], n, stop_tokens=set())]
 
 
-@pytest.fixture(scope="module")
-def reasoner():
-    return pocketlm.load("reasoner")
-
-
 @pytest.mark.parametrize("which", ["tiny", "reasoner"])
 def test_greedy_equals_transformers_on_64_prompts(which, tiny, reasoner):
     model, tok = tiny if which == "tiny" else reasoner

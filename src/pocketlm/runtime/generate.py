@@ -68,6 +68,15 @@ class Generator:
         self.stop_tokens = _stop_tokens(model, tokenizer)
 
     # ---- token level -------------------------------------------------------------------------
+    def start(self, prompts: Sequence[Sequence[int]], steps: int, sampling: SamplingConfig = SamplingConfig(),
+              *, logits: bool = False, capture: list | None = None) -> "Decoding":
+        """Prefill `prompts` (a left-padded batch) and return the Decoding that advances them token by token.
+
+        steps: cache room for this many fed tokens (rollbacks included). logits: the caller edits the
+        logits before choosing, so the compiled step must return them (no in-graph argmax).
+        capture: receives each layer's hidden state at the end of each prompt (see FastDecoder)."""
+        return Decoding(self, prompts, steps, sampling, logits=logits, capture=capture)
+
     @torch.inference_mode()
     def generate_step(self, prompts: Sequence[Sequence[int]], max_tokens: int,
                       sampling: SamplingConfig = SamplingConfig(), stop_tokens: set[int] | None = None
@@ -76,43 +85,19 @@ class Generator:
 
         Stops after `max_tokens` steps or when every row has produced a stop token (rows that are done
         keep decoding until then; callers ignore what follows their stop)."""
-        B, P = self._check(prompts, max_tokens)
+        run = self.start(prompts, max_tokens, sampling)
         stop = self.stop_tokens if stop_tokens is None else stop_tokens
-        dev = self.decoder.device
-        pads = torch.tensor([P - len(p) for p in prompts], device=dev)
-        ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=dev)  # (B, P)
-        cache_len = _round_up(P + max_tokens, CACHE_STEP) if self.compiled else P + max_tokens
-        cache = self._cache(B, min(cache_len, self.max_context))
-        slots = torch.arange(P, device=dev)
-        cache.valid[:, :P] = slots[None] >= pads[:, None]
-        positions = (slots[None] - pads[:, None]).clamp(min=0)  # (B, P) rope positions
-        padded = bool(pads.any())
-        mask = _prefill_mask(cache.valid[:, :P]) if padded else None
-        logits = self.decoder(ids, positions, slots, cache, mask, P)
-        cache.length = P
-        gen = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
-        history = ids if sampling.repetition_penalty != 1.0 else None
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        stop_ids = torch.tensor(sorted(stop), device=dev, dtype=torch.long) if stop else None
-        # Greedy choice inside the compiled step: one call per token instead of four more ops.
-        in_graph = self.compiled and sampling.temperature == 0 and sampling.repetition_penalty == 1.0
-        out = logits
+        stop_ids = torch.tensor(sorted(stop), device=run.device, dtype=torch.long) if stop else None
+        done = torch.zeros(run.batch, dtype=torch.bool, device=run.device)
         for step in range(max_tokens):
-            tokens, logprobs = out if isinstance(out, tuple) else sample(out, sampling, history, gen)
+            tokens, logprobs = run.choose()
             yield tokens, logprobs
             if stop_ids is not None:
                 done |= torch.isin(tokens, stop_ids)
                 if bool(done.all()):
                     return
-            if step == max_tokens - 1:
-                return
-            if history is not None:
-                history = torch.cat([history, tokens[:, None]], dim=1)
-            slot = cache.length
-            cache.valid[:, slot] = True
-            pos = (slot - pads)[:, None]
-            out = self._decode(tokens[:, None], pos, slot, cache, padded, in_graph)
-            cache.length += 1
+            if step < max_tokens - 1:
+                run.advance(tokens)
 
     def _cache(self, batch: int, length: int) -> StaticCache:
         """The compiled steps keep their cache (one per shape, reused); eager runs get a fresh one."""
@@ -224,6 +209,87 @@ class Generator:
                         rows[r].append(t)
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
         return [_cut_at_stop(t, stop_strings) for t in texts]
+
+
+class Decoding:
+    """A left-padded batch in a static KV cache, advanced one token per step (made by `Generator.start`).
+
+    `choose()` picks every row's next token from the current logits; `advance(tokens)` feeds them and
+    computes the next logits. `forget(row, n)` drops a row's last n fed tokens: their slots stop being
+    attended and the row's rope positions continue from there, which equals rewinding that row alone
+    (the self-repair and the thinking budget of the dual-system runtime build on this).
+    """
+
+    def __init__(self, gen: Generator, prompts: Sequence[Sequence[int]], steps: int, sampling: SamplingConfig,
+                 *, logits: bool = False, capture: list | None = None):
+        B, P = gen._check(prompts, steps)
+        self.gen, self.sampling, self.batch, self.prompt_len = gen, sampling, B, P
+        dev = self.device = gen.decoder.device
+        pads = torch.tensor([P - len(p) for p in prompts], device=dev)
+        ids = torch.tensor([[0] * (P - len(p)) + list(p) for p in prompts], device=dev)  # (B, P)
+        cache_len = _round_up(P + steps, CACHE_STEP) if gen.compiled else P + steps
+        self.cache = cache = gen._cache(B, min(cache_len, gen.max_context))
+        slots = torch.arange(P, device=dev)
+        cache.valid[:, :P] = slots[None] >= pads[:, None]
+        positions = (slots[None] - pads[:, None]).clamp(min=0)  # (B, P) rope positions
+        self.masked = bool(pads.any())  # some slot before the newest is not attended by some row
+        mask = _prefill_mask(cache.valid[:, :P]) if self.masked else None
+        with torch.inference_mode():
+            self.out = gen.decoder(ids, positions, slots, cache, mask, P, capture)
+        cache.length = P
+        self.pos = P - pads  # (B,) rope position of each row's next token
+        self.rng = torch.Generator(device=dev).manual_seed(sampling.seed) if sampling.seed is not None else None
+        self.history = ids if sampling.repetition_penalty != 1.0 else None
+        # Greedy choice inside the compiled step: one call per token instead of four more ops.
+        self.in_graph = (gen.compiled and not logits and sampling.temperature == 0
+                         and sampling.repetition_penalty == 1.0)
+
+    @property
+    def room(self) -> int:
+        """Tokens that can still be fed."""
+        return self.cache.max_len - self.cache.length
+
+    def logits(self) -> torch.Tensor:
+        """(B, vocab) float logits of every row's next token (not available with the in-graph argmax)."""
+        if isinstance(self.out, tuple):
+            raise RuntimeError("this Decoding chooses tokens inside the compiled step; start it with logits=True")
+        return self.out
+
+    def choose(self, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B,), log-probabilities (B,)) from the current logits, or from `logits` edited by the caller
+        (the log-probabilities are then those of the edited logits)."""
+        if logits is None and isinstance(self.out, tuple):
+            return self.out
+        return sample(self.out if logits is None else logits, self.sampling, self.history, self.rng)
+
+    @torch.inference_mode()
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Feed one token per row (B,) and compute the logits that follow."""
+        if self.room < 1:
+            raise ConfigError(f"the decoding has used all {self.cache.max_len} cache slots",
+                              "start it with more steps")
+        cache = self.cache
+        if self.history is not None:
+            self.history = torch.cat([self.history, tokens[:, None]], dim=1)
+        slot = cache.length
+        cache.valid[:, slot] = True
+        self.out = self.gen._decode(tokens[:, None], self.pos[:, None], slot, cache, self.masked, self.in_graph)
+        cache.length += 1
+        self.pos = self.pos + 1
+
+    @torch.inference_mode()
+    def forget(self, row: int, n: int) -> None:
+        """Drop the last `n` tokens fed to `row` (n ≤ tokens fed since the prefill)."""
+        if n <= 0:
+            return
+        P, cache = self.prompt_len, self.cache
+        fed = cache.valid[row, P:cache.length].nonzero()[:, 0] + P
+        if n > len(fed):
+            raise ConfigError(f"cannot forget {n} tokens of row {row}: only {len(fed)} were fed",
+                              "roll back at most to the end of the prompt")
+        cache.valid[row, fed[-n:]] = False
+        self.pos[row] -= n
+        self.masked = True
 
 
 class _TextStream:

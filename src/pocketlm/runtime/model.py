@@ -210,14 +210,17 @@ class FastDecoder:
         return StaticCache(self.kv_shapes(), batch, max_len, self.dtype, self.device)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: StaticCache,
-                mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+                mask: torch.Tensor | None, kv_len: int, capture: list | None = None) -> torch.Tensor:
         """ids, positions (B, T); slots (T,) cache slots to fill; mask (B, 1, T, kv_len) bool or None
-        (None: causal over the first kv_len slots, no padding). Returns float logits (B, vocab)."""
+        (None: causal over the first kv_len slots, no padding). Returns float logits (B, vocab).
+        capture: a list that receives each layer's output at the last position, (B, hidden) float."""
         x = self.embed(ids)
         cos = self.cos[positions].unsqueeze(1)  # (B, 1, T, hd)
         sin = self.sin[positions].unsqueeze(1)
         for i, layer in enumerate(self.layers):
             x = layer(x, i, cos, sin, cache, slots, mask, kv_len)
+            if capture is not None:
+                capture.append(x[:, -1].float())
         return self.head(self.norm(x[:, -1:]))[:, 0].float()
 
     __call__ = forward
