@@ -41,6 +41,12 @@ def test_chat_streams_and_names_the_mode(capsys, monkeypatch):
     assert "mode slow (soft switch)" in err and "mode fast (soft switch)" in err and "thinking skipped" in err
 
 
+def test_chat_reports_a_bad_turn_and_goes_on(capsys, monkeypatch):
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2? /auto_think\nWhat is 3+3?\n"))
+    code, out, err = run(["chat", "reasoner", "--mode", "fast"], capsys)
+    assert code == 0 and "needs a router" in err and "6" in out and "mode fast (default)" in err
+
+
 def test_generate_with_repair_reports_repairs(capsys):
     code, out, err = run(["generate", "tiny", "And the LORD said unto Moses,", "--max-tokens", "60", "--repair"],
                          capsys)
@@ -53,6 +59,7 @@ def test_generate_with_repair_reports_repairs(capsys):
     (["reason", "reasoner", "--tasks", "missing.jsonl", "--mode", "fast"], "does not exist"),
     (["reason", "reasoner", "--tasks", str(TASKS), "--mode", "auto", "--router", "nowhere"], "not a router"),
     (["reason", "tiny", "--tasks", str(TASKS), "--mode", "slow", "--think-budget", "-1"], "negative"),
+    (["reason", "tiny", "--tasks", str(TASKS), "--mode", "slow", "--budget-fallback", "guess"], "budget fallback"),
     (["router", "fit", "reasoner", "--tasks", str(TASKS), "-o", str(REASONER / "router")], "input model"),
     (["router", "fit", "reasoner", "--tasks", str(TASKS), "-o", "r", "--max-drop", "-1"], "negative"),
 ])

@@ -10,14 +10,14 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli import _threads, app, out
-from .errors import ConfigError
+from .errors import ConfigError, PocketError
 
 router_app = typer.Typer(no_args_is_help=True, help="Fit the auto-mode router of a chat model.")
 app.add_typer(router_app, name="router")
 
 
 def _dual(model: str, *, mode: str, router: Optional[Path], policy: str, think_budget: Optional[int],
-          repair: bool, threads: Optional[int], dtype: str, device: str, **limits):
+          repair: bool, threads: Optional[int], dtype: str, device: str, **options):
     """Load the model and build its DualSystem (errors in options are raised before the model loads)."""
     from .io import load
     from .runtime import Generator
@@ -34,7 +34,7 @@ def _dual(model: str, *, mode: str, router: Optional[Path], policy: str, think_b
     _threads(threads)
     m, tok = load(model, dtype=dtype, device=device)
     return DualSystem(Generator(m, tok), mode=mode, router=fitted, policy=policy, think_budget=think_budget,
-                      repair=RepairConfig() if repair else None, **limits)
+                      repair=RepairConfig() if repair else None, **options)
 
 
 MODE_HELP = "fast (answer directly), slow (think first) or auto (the router decides)."
@@ -65,19 +65,27 @@ def chat_cmd(
         message = line.strip()
         if not message:
             continue
-        for phase, item in dual.stream(message, history=history):
-            if phase == "done":
-                thinking = ("skipped" if item.mode == "fast" else
-                            f"{item.thinking_tokens} tokens, {'hidden' if hide_thinking else 'shown'}"
-                            + (", budget hit" if item.budget_hit else ""))
-                print(flush=True)
-                err.print(f"[dim]mode {item.mode} ({item.reason}) · {item.tokens} tokens · thinking {thinking}"
-                          + (f" · {item.repairs} repairs" if item.repairs else "") + "[/dim]")
-                history.append((item.question, item.answer))
-            elif phase == "repair":
-                print(" [loop rolled back] ", end="", flush=True)  # the text since the loop began is dropped
-            elif phase == "answer" or not hide_thinking:
-                print(item.text, end="", flush=True)
+        try:
+            history.append(_chat_turn(dual, message, history, hide_thinking, err))
+        except PocketError as e:  # e.g. /auto_think without a router: say so, keep chatting
+            err.print(f"[red]error:[/red] {e}")
+
+
+def _chat_turn(dual, message: str, history: list[tuple[str, str]], hide_thinking: bool, err: Console):
+    """Stream one answer and its summary line; return the (question, answer) turn for the history."""
+    for phase, item in dual.stream(message, history=history):
+        if phase == "done":
+            thinking = ("skipped" if item.mode == "fast" else
+                        f"{item.thinking_tokens} tokens, {'hidden' if hide_thinking else 'shown'}"
+                        + (", budget hit" if item.budget_hit else ""))
+            print(flush=True)
+            err.print(f"[dim]mode {item.mode} ({item.reason}) · {item.tokens} tokens · thinking {thinking}"
+                      + (f" · {item.repairs} repairs" if item.repairs else "") + "[/dim]")
+            return item.question, item.answer
+        if phase == "repair":
+            print(" [loop rolled back] ", end="", flush=True)  # the text since the loop began is dropped
+        elif phase == "answer" or not hide_thinking:
+            print(item.text, end="", flush=True)
 
 
 @app.command("reason")
@@ -88,6 +96,7 @@ def reason_cmd(
     router: Optional[Path] = typer.Option(None, help="Router directory from `pocketlm router fit` (auto mode)."),
     policy: str = typer.Option("both", help="Router rule for auto: probe, confidence or both."),
     think_budget: Optional[int] = typer.Option(None, help="Most thinking tokens; then the think block is closed."),
+    budget_fallback: str = typer.Option("answer", help="At the budget: answer (after the cut thinking) or fast."),
     limit: Optional[int] = typer.Option(None, help="Answer only the first N items."),
     repair: bool = typer.Option(False, "--repair", help="Repetition self-repair while decoding."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
@@ -102,7 +111,7 @@ def reason_cmd(
 
     items = read_tasks(tasks, limit)
     dual = _dual(model, mode=mode, router=router, policy=policy, think_budget=think_budget, repair=repair,
-                 threads=threads, dtype=dtype, device=device)
+                 threads=threads, dtype=dtype, device=device, budget_fallback=budget_fallback)
     result = run_tasks(dual, items, mode)
     result.update(model=model, tasks=str(tasks))
     table = Table(title=f"pocketlm reason {model} · {tasks.name}")

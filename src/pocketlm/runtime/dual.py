@@ -62,8 +62,9 @@ class DualSystem:
     (see router.py); policy: which of its rules auto uses, 'probe', 'confidence' or 'both'.
     think_budget: most thinking tokens (None = unlimited; 0 = fast mode, thinking skipped);
     budget_close: text that closes a cut think block; budget_fallback: what follows the cut, 'answer'
-    (the model answers after its partial thinking, as Qwen3 and vLLM do) or 'fast' (the partial thinking
-    is dropped and the question answered in fast mode; both attempts' tokens are counted). fast_tokens / slow_tokens: most new tokens per mode (32 / 384). soft_switch: end the user turn
+    (the model answers after its partial thinking, as Qwen3 and vLLM do) or 'fast' (decoding stops at
+    the budget, the partial thinking is dropped and the question answered in fast mode; both attempts'
+    tokens are counted). fast_tokens / slow_tokens: most new tokens per mode (32 / 384). soft_switch: end the user turn
     with ' /think' or ' /no_think' for the chosen mode, as Qwen3-style models are trained (True).
     repair: repetition self-repair while decoding (None = off). batch_size: rows decoded at once (64).
     """
@@ -166,8 +167,8 @@ class DualSystem:
                             row.finish = "skipped"
             t_conf = self.router.confidence_threshold(self.policy) if self.router is not None else None
 
-            def unsure(j: int, logprob: float) -> bool:  # stop a fast answer at its first unsure token
-                return auto[j] and t_conf is not None and math.exp(logprob) < t_conf
+            def unsure(j: int, row: Row) -> bool:  # stop a fast answer at its first unsure token
+                return auto[j] and t_conf is not None and math.exp(row.logprobs[-1]) < t_conf
             rows = self._decode([self.prompt(asked[i][0], "fast", history) for i in chunk], "fast", capture, route,
                                 abort=unsure)
             for j, (i, row) in enumerate(zip(chunk, rows)):
@@ -223,7 +224,12 @@ class DualSystem:
               ) -> Iterator[list[Row]]:
         """decode_rows with this runtime's limits, stop tokens, repair and (slow mode) thinking budget."""
         limit = self.fast_tokens if mode == "fast" else self.slow_tokens
-        force = self._budget if mode == "slow" and self.think_budget is not None else None
+        force = None
+        if mode == "slow" and self.think_budget is not None:
+            if self.budget_fallback == "fast":  # the cut thinking is dropped: stop right there
+                abort = self._over_budget
+            else:
+                force = self._budget
         return decode_rows(self.gen, prompts, limit, repair=self.repair, force=force, capture=capture,
                            on_start=on_start, stops=self.stops, abort=abort)
 
@@ -234,6 +240,9 @@ class DualSystem:
             return None
         thought = len(toks) - toks.index(self.open_id) - 1
         return list(self.close_ids) if thought >= self.think_budget else None
+
+    def _over_budget(self, i: int, row: Row) -> bool:
+        return self._budget(i, row) is not None
 
     def _reply(self, question: str, mode: str, reason: str, row: Row) -> Reply:
         toks = row.tokens
@@ -251,8 +260,9 @@ class DualSystem:
         if mode == "fast":
             lps = row.logprobs + ([row.stop_logprob] if row.stop_logprob is not None else [])
             conf = math.exp(min(lps)) if lps else 0.0
+        cut_short = row.forced > 0 or (mode == "slow" and row.finish == "aborted")  # by the thinking budget
         return Reply(question, mode, reason, self.tok.decode(answer_ids, skip_special_tokens=True).strip(),
-                     thinking, row.generated, think_n, row.forced > 0, conf, None, row.repairs)
+                     thinking, row.generated, think_n, cut_short, conf, None, row.repairs)
 
     # ---- streaming (chat) --------------------------------------------------------------------
     def stream(self, message: str, mode: str | None = None, history: Sequence[tuple[str, str]] = ()

@@ -279,7 +279,8 @@ class Decoding:
 
     @torch.inference_mode()
     def forget(self, row: int, n: int) -> None:
-        """Drop the last `n` tokens fed to `row` (n ≤ tokens fed since the prefill)."""
+        """Drop the last `n` tokens fed to `row` (n ≤ tokens fed since the prefill). A repetition penalty's
+        history keeps them: they still count as seen."""
         if n <= 0:
             return
         P, cache = self.prompt_len, self.cache

@@ -3,8 +3,9 @@
 Two signals of the model itself, each usable alone or combined:
 - a probe: logistic regression on the hidden states (every layer, last position) at the end of the
   fast-mode prompt, fit to predict whether the fast answer will be right; low → think (slow mode);
-- confidence escalation: answer fast; if the lowest token probability of the answer (its stop token
-  included) is under a threshold, answer again in slow mode.
+- confidence escalation: answer fast; if a token of the answer (its stop token included) has a
+  probability under a threshold, answer again in slow mode. The fast answer stops at that token, so
+  an escalation costs the tokens up to it.
 Thresholds are chosen on a labelled dev set for a target accuracy (or a token budget), from the probe's
 out-of-fold scores, so the dev items the probe was fit on do not flatter it.
 """

@@ -42,7 +42,7 @@ def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: in
                 skip: Sequence[bool] | None = None, capture: list | None = None,
                 on_start: Callable[[list[Row]], None] | None = None,
                 stops: set[int] | None = None,
-                abort: Callable[[int, float], bool] | None = None) -> Iterator[list[Row]]:
+                abort: Callable[[int, Row], bool] | None = None) -> Iterator[list[Row]]:
     """Decode `prompts` as one batch; yield the rows after every step (the last yield has all finished).
 
     max_tokens: per batch or per row (kept tokens). repair: roll loops back (None: off). force(i, row):
@@ -50,8 +50,8 @@ def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: in
     close of a think block). skip: rows not to decode (finish 'skipped'). capture: the prompts' hidden
     states (see FastDecoder), filled at the prefill; on_start(rows) runs right after it, and may mark
     rows skipped (e.g. a router that sends them elsewhere). stops: tokens that end a row (default: the
-    generator's end-of-sequence tokens). abort(i, logprob): called with each kept token's
-    log-probability; True ends the row at once with finish 'aborted' (the token stays counted).
+    generator's end-of-sequence tokens). abort(i, row): called after each kept token; True ends
+    the row at once with finish 'aborted' (the token stays counted).
     """
     limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     most = max(limits)
@@ -82,7 +82,7 @@ def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: in
                 continue
             row.tokens.append(token)
             row.logprobs.append(lp)
-            if abort is not None and abort(i, lp):
+            if abort is not None and abort(i, row):
                 row.finish = "aborted"
                 continue
             start = find_loop(row.tokens, repair) if repair is not None and row.repairs < repair.max_repairs \
