@@ -47,6 +47,7 @@ def chat_cmd(
     router: Optional[Path] = typer.Option(None, help="Router directory from `pocketlm router fit` (auto mode)."),
     policy: str = typer.Option("both", help="Router rule for auto: probe, confidence or both."),
     think_budget: Optional[int] = typer.Option(None, help="Most thinking tokens; then the think block is closed."),
+    budget_fallback: str = typer.Option("answer", help="At the budget: answer (after the cut thinking) or fast."),
     hide_thinking: bool = typer.Option(False, "--hide-thinking", help="Generate the thinking but do not print it."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Repetition self-repair while decoding."),
     max_tokens: int = typer.Option(384, help="Most new tokens in slow mode."),
@@ -58,7 +59,7 @@ def chat_cmd(
     import sys
 
     dual = _dual(model, mode=mode, router=router, policy=policy, think_budget=think_budget, repair=repair,
-                 threads=threads, dtype=dtype, device=device, slow_tokens=max_tokens)
+                 threads=threads, dtype=dtype, device=device, slow_tokens=max_tokens, budget_fallback=budget_fallback)
     err = Console(stderr=True)
     history: list[tuple[str, str]] = []
     for line in sys.stdin:
@@ -73,19 +74,23 @@ def chat_cmd(
 
 def _chat_turn(dual, message: str, history: list[tuple[str, str]], hide_thinking: bool, err: Console):
     """Stream one answer and its summary line; return the (question, answer) turn for the history."""
+    shown = None  # the phase whose text is being printed; each starts without leading blank lines
     for phase, item in dual.stream(message, history=history):
         if phase == "done":
-            thinking = ("skipped" if item.mode == "fast" else
-                        f"{item.thinking_tokens} tokens, {'hidden' if hide_thinking else 'shown'}"
-                        + (", budget hit" if item.budget_hit else ""))
+            thinking = "skipped" if item.thinking_tokens == 0 and not item.budget_hit else (
+                f"{item.thinking_tokens} tokens, {'hidden' if hide_thinking else 'shown'}"
+                + (", cut by the budget" if item.budget_hit else ""))
             print(flush=True)
             err.print(f"[dim]mode {item.mode} ({item.reason}) · {item.tokens} tokens · thinking {thinking}"
-                      + (f" · {item.repairs} repairs" if item.repairs else "") + "[/dim]")
+                      + (f" · {item.repairs} repairs" if item.repairs else "") + "[/dim]", soft_wrap=True)
             return item.question, item.answer
         if phase == "repair":
             print(" [loop rolled back] ", end="", flush=True)  # the text since the loop began is dropped
         elif phase == "answer" or not hide_thinking:
-            print(item.text, end="", flush=True)
+            text = item.text if shown == phase else item.text.lstrip()
+            if text:
+                print(("\n" if shown else "") + text if shown != phase else text, end="", flush=True)
+                shown = phase
 
 
 @app.command("reason")

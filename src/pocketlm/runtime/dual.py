@@ -64,8 +64,9 @@ class DualSystem:
     budget_close: text that closes a cut think block; budget_fallback: what follows the cut, 'answer'
     (the model answers after its partial thinking, as Qwen3 and vLLM do) or 'fast' (decoding stops at
     the budget, the partial thinking is dropped and the question answered in fast mode; both attempts'
-    tokens are counted). fast_tokens / slow_tokens: most new tokens per mode (32 / 384). soft_switch: end the user turn
-    with ' /think' or ' /no_think' for the chosen mode, as Qwen3-style models are trained (True).
+    tokens are counted). fast_tokens / slow_tokens: most new tokens per mode (32 / 384). soft_switch:
+    end the user turn with ' /think' or ' /no_think' for the chosen mode, as Qwen3-style models are
+    trained (True).
     repair: repetition self-repair while decoding (None = off). batch_size: rows decoded at once (64).
     """
 
@@ -98,7 +99,7 @@ class DualSystem:
         self.close_ids = self.tok(budget_close, add_special_tokens=False)["input_ids"]
         if self.close_id not in self.close_ids:
             raise ConfigError("the budget's closing text has no </think>", "end it with '</think>' and a newline")
-        self._after_close = len(self.close_ids) - 1 - self.close_ids.index(self.close_id)  # forced tokens after it
+        self._close_lead = self.close_ids.index(self.close_id)  # forced tokens before </think>: not thinking
         if router is not None:
             router.check_model(generator.model)
 
@@ -250,7 +251,7 @@ class DualSystem:
         if self.close_id in toks:
             cut = toks.index(self.close_id)
             start = toks.index(self.open_id) + 1 if self.open_id in toks[:cut] else 0
-            think_n = cut - start - (len(self.close_ids) - 1 - self._after_close if row.forced else 0)
+            think_n = cut - start - (self._close_lead if row.forced else 0)
             thinking = self.tok.decode(toks[start:cut], skip_special_tokens=True).strip()
             answer_ids = toks[cut + 1:]
         elif self.open_id in toks:  # never closed: all thinking, no answer
