@@ -39,7 +39,7 @@ class Row:
 def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int],
                 sampling: SamplingConfig = SamplingConfig(), *, repair: RepairConfig | None = None,
                 force: Callable[[int, Row], list[int] | None] | None = None,
-                skip: Sequence[bool] | None = None, capture: list | None = None,
+                capture: list | None = None,
                 on_start: Callable[[list[Row]], None] | None = None,
                 stops: set[int] | None = None,
                 abort: Callable[[int, Row], bool] | None = None) -> Iterator[list[Row]]:
@@ -47,9 +47,9 @@ def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: in
 
     max_tokens: per batch or per row (kept tokens). repair: roll loops back (None: off). force(i, row):
     called after each kept token, returns tokens to write next in place of the model's choices (e.g. the
-    close of a think block). skip: rows not to decode (finish 'skipped'). capture: the prompts' hidden
-    states (see FastDecoder), filled at the prefill; on_start(rows) runs right after it, and may mark
-    rows skipped (e.g. a router that sends them elsewhere). stops: tokens that end a row (default: the
+    close of a think block). capture: the prompts' hidden states (see FastDecoder), filled at the
+    prefill; on_start(rows) runs right after it, and may mark rows finished 'skipped' (e.g. a router
+    that sends them elsewhere). stops: tokens that end a row (default: the
     generator's end-of-sequence tokens). abort(i, row): called after each kept token; True ends
     the row at once with finish 'aborted' (the token stays counted).
     """
@@ -59,7 +59,7 @@ def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: in
     steps = min(most + slack, gen.max_context - max(len(p) for p in prompts))
     edits = repair is not None
     run = gen.start(prompts, steps, sampling, logits=edits, capture=capture)
-    rows = [Row(finish="skipped" if skip is not None and skip[i] else None) for i in range(len(prompts))]
+    rows = [Row() for _ in prompts]
     if on_start is not None:
         on_start(rows)
     stops = gen.stop_tokens if stops is None else stops
