@@ -176,9 +176,10 @@ class DualSystem:
                 question, _, reason = asked[i]
                 if row.finish == "skipped":
                     slow.append(i)
-                    replies[i] = Reply(question, "slow", f"probe p_fast={p_fast[j]:.2f} below "
-                                       f"{self.router.probe_threshold(self.policy):.2f}", "", "", 0, 0, False,
-                                       None, p_fast[j])
+                    t_probe = self.router.probe_threshold(self.policy)
+                    replies[i] = Reply(question, "slow", f"probe p_fast={p_fast[j]:.2f} below {t_probe:.2f}",
+                                       answer="", thinking="", tokens=0, thinking_tokens=0, budget_hit=False,
+                                       confidence=None, p_fast=p_fast[j])
                     continue
                 reply = self._reply(question, "fast", reason, row)
                 reply.p_fast = p_fast[j]
@@ -192,12 +193,8 @@ class DualSystem:
             rows = self._decode([self.prompt(asked[i][0], "slow", history) for i in chunk], "slow")
             for i, row in zip(chunk, rows):
                 question, _, reason = asked[i]
-                prior = replies[i]
-                reply = self._reply(question, "slow", prior.reason if prior is not None else reason, row)
-                if prior is not None:  # escalated or routed by the router: keep its evidence and costs
-                    reply.tokens += prior.tokens
-                    reply.confidence, reply.p_fast = prior.confidence, prior.p_fast
-                replies[i] = reply
+                prior = replies[i]  # escalated or routed by the router: keep its evidence and costs
+                replies[i] = _after(prior, self._reply(question, "slow", prior.reason if prior else reason, row))
         if self.budget_fallback == "fast":
             self._answer_cut_fast(replies, history)
         return replies  # type: ignore[return-value]
@@ -209,10 +206,9 @@ class DualSystem:
             rows = self._decode([self.prompt(replies[i].question, "fast", history) for i in chunk], "fast")
             for i, row in zip(chunk, rows):
                 before = replies[i]
-                reply = self._reply(before.question, "fast", before.reason + "; thinking budget hit: answered fast", row)
-                reply.tokens += before.tokens
+                reply = _after(before, self._reply(before.question, "fast",
+                                                   before.reason + "; thinking budget hit: answered fast", row))
                 reply.thinking, reply.thinking_tokens, reply.budget_hit = before.thinking, before.thinking_tokens, True
-                reply.p_fast = before.p_fast
                 replies[i] = reply
 
     def _decode(self, prompts: list[list[int]], mode: str, capture=None, on_start=None, abort=None) -> list[Row]:
@@ -298,16 +294,23 @@ class DualSystem:
                     phase = "answer"
                 yield phase, GenerationResponse(piece, token, row.logprobs[shown - 1], len(ids), 0.0, shown, 0.0,
                                                 None, chosen)
-        reply = self._reply(question, chosen, reason if prior is None else prior.reason, rows[0])
-        if prior is not None:
-            reply.tokens += prior.tokens
-            reply.confidence, reply.p_fast = prior.confidence, prior.p_fast
+        reply = _after(prior, self._reply(question, chosen, reason if prior is None else prior.reason, rows[0]))
         if reply.budget_hit and self.budget_fallback == "fast":
             replies = [reply]
             self._answer_cut_fast(replies, history)
             reply = replies[0]
             yield "answer", _whole(reply)
         yield "done", reply
+
+
+def _after(prior: Reply | None, reply: Reply) -> Reply:
+    """`reply` after an earlier attempt at the same question: its tokens are added, the router's evidence
+    it carried (confidence, p_fast) is kept where the new reply has none."""
+    if prior is not None:
+        reply.tokens += prior.tokens
+        reply.confidence = reply.confidence if reply.confidence is not None else prior.confidence
+        reply.p_fast = reply.p_fast if reply.p_fast is not None else prior.p_fast
+    return reply
 
 
 def _whole(reply: Reply) -> GenerationResponse:
