@@ -405,7 +405,7 @@ def demo_cmd(
     out.print(f"report: {path / 'report.html'}")
 
 
-from . import cli_reason  # noqa: E402,F401  (registers chat, reason and router on `app`)
+from . import cli_moe, cli_reason  # noqa: E402,F401  (register moe/moefy and chat/reason/router on `app`)
 
 
 def main(argv: list[str] | None = None) -> None:

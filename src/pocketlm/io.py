@@ -175,8 +175,8 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     with _load_errors(source.path):
         qconfig = _pocketlm_quantization(source.path)
-        if record.get("layer_shapes") or qconfig:
-            model = _load_rebuilt(source.path, record.get("layer_shapes"), qconfig, torch_dtype)
+        if record.get("layer_shapes") or qconfig or record.get("moefy"):
+            model = _load_rebuilt(source.path, record.get("layer_shapes"), qconfig, torch_dtype, record.get("moefy"))
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch_dtype)
     tok = load_tokenizer(source.path)
@@ -191,10 +191,12 @@ def _pocketlm_quantization(path: Path) -> dict | None:
     return qconfig if isinstance(qconfig, dict) and qconfig.get("quant_method") == "pocketlm" else None
 
 
-def _load_rebuilt(path: Path, shapes: list[dict] | None, qconfig: dict | None, dtype: torch.dtype):
+def _load_rebuilt(path: Path, shapes: list[dict] | None, qconfig: dict | None, dtype: torch.dtype,
+                  moefied: dict | None = None):
     """Rebuild a model that a single HF config cannot describe (layers that differ in size after
-    structured pruning) or that holds pocketlm's quantized modules: build from config.json, shrink
-    each layer to its recorded shape, swap in the quantized shells, then load the weights strictly."""
+    structured pruning, FFNs split into experts by moefy) or that holds pocketlm's quantized modules:
+    build from config.json, shrink each layer to its recorded shape, swap in the MoEfied FFNs and the
+    quantized shells, then load the weights strictly."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -205,6 +207,9 @@ def _load_rebuilt(path: Path, shapes: list[dict] | None, qconfig: dict | None, d
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if shapes:
         apply_layer_shapes(model, shapes)
+    if moefied:
+        from .moe.moefy import install_moefied
+        install_moefied(model, moefied["experts"], moefied["top_k"])
     if qconfig:
         install_shells(model, qconfig, dtype)
     state = {}
@@ -352,6 +357,7 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         "recipe": [*prior.get("recipe", []), *(recipe or [])],
         "calibration_hash": calibration_hash or prior.get("calibration_hash"),
         "layer_shapes": prior.get("layer_shapes"),  # set by structured pruning when layers differ
+        "moefy": prior.get("moefy"),  # set by moefy: FFNs split into experts with a router
         "evaluation": evaluation,
     }
     _quiet_transformers()

@@ -43,6 +43,15 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 0xF, b >> 4], -1).reshape(-1)
 
 
+def kernel_matmul(x2: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
+                  group_size: int | None) -> torch.Tensor:
+    """x2 (M, K) @ codes.T on the fused CPU kernels, in bf16: int8 takes (N, 1) scales, int4/int3 the
+    kernel-layout codes and the (K/group, N, 2) scales_zeros."""
+    if bits == 8:
+        return torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), qweight, scales[:, 0])
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), qweight, group_size, scales)
+
+
 class QuantLinear(nn.Module):
     """Drop-in for nn.Linear with weight-only int8/int4/int3 codes (see module docstring)."""
 
@@ -127,11 +136,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if x.device.type != "cpu":
             y = F.linear(x2, self.dequantize().to(x.dtype))  # named fallback: no fused kernel here
-        elif self.bits == 8:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), self.qweight, self.scales[:, 0]).to(x.dtype)
         else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), self.qweight, self.scheme.group_size,
-                                                           self.scales_zeros).to(x.dtype)
+            y = kernel_matmul(x2, self.bits, self.qweight, self.scales if self.bits == 8 else self.scales_zeros,
+                              self.scheme.group_size).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
