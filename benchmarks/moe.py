@@ -2,8 +2,11 @@
 
 - Offloading, 25% of experts resident: LRU/LFU, with and without prefetch, with the store in the OS page
   cache and with every load read from disk: greedy tokens identical to all-resident, decode tok/s as a
-  ratio to all-resident timed alternately in the same process, hit rates, and the experts' peak RSS
+  ratio to all-resident timed alternately in the same process (and to transformers' own MoE blocks,
+  all resident, on the same engine), hit rates, and the experts' peak RSS
   (each configuration in its own process, see `pocketlm moe bench`) as a ratio to all-resident's.
+- Routing diagnostics of the model on test.txt: per layer, each expert's share of tokens and the
+  coefficient of variation of the counts.
 - Expert-wise 8/4-bit mix at <= 40% of the bf16 expert bytes vs uniform int4 (group 32, the kernel's
   finest), and uniform int8: Δppl on test.txt.
 - Dynamic top-k by router mass (top-p): mean active experts and Δppl.
@@ -48,14 +51,16 @@ def moe_bench(args, threads: int, *options: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=7)
     args = parse_reference_args(ap)
     t0 = time.time()
     console = Console(width=150)
     ppl = ["--ppl-tokens", str(args.tokens)]
     speed = ["--ppl-tokens", "0", "--rounds", str(args.rounds)]
 
-    offload = {"all resident": moe_bench(args, args.threads, "--resident", "1.0", "--no-prefetch", *speed)}
+    # all resident also scores the text: its routing counts are the model's own (static top-2)
+    offload = {"all resident": moe_bench(args, args.threads, "--resident", "1.0", "--no-prefetch",
+                                         "--rounds", str(args.rounds), *ppl)}
     for policy in ("lfu", "lru"):
         for prefetch in ("--prefetch", "--no-prefetch"):
             for cache in ("--page-cache", "--no-page-cache"):
@@ -66,16 +71,25 @@ def main() -> None:
                                           prefetch, cache, *speed)
     full_rss = offload["all resident"]["expert_peak_rss_mb"]
     table = Table(title="moe: 25% of experts resident vs all resident (batch 1, greedy, 128 tokens)")
-    for col in ("run", "tokens identical", "tok/s", "× all-resident", "hit rate", "prefetch acc.", "stall s",
-                "expert peak RSS MB", "× all-resident RSS"):
+    for col in ("run", "tokens identical", "tok/s", "× all-resident", "× HF blocks", "hit rate", "prefetch acc.",
+                "stall s", "expert peak RSS MB", "× all-resident RSS"):
         table.add_column(col, justify="left" if col == "run" else "right")
     for name, r in offload.items():
         c = r["cache"]
         table.add_row(name, str(r["tokens_identical"]), f"{r['decode_tok_s']['configured']:.1f}",
-                      f"{r['speed_ratio']:.2f}", f"{c['hit_rate']:.2f}",
+                      f"{r['speed_ratio']:.2f}", f"{r['speed_ratio_vs_transformers_blocks']:.2f}", f"{c['hit_rate']:.2f}",
                       "-" if c["prefetch_accuracy"] is None else f"{c['prefetch_accuracy']:.2f}",
                       f"{c['stall_s']:.2f}", f"{r['expert_peak_rss_mb']:.1f}",
                       f"{r['expert_peak_rss_mb'] / full_rss:.2f}")
+    console.print(table)
+
+    routing = offload["all resident"]["routing"]
+    table = Table(title=f"moe: routing on {args.tokens} test tokens (share of tokens per expert; top-2, so shares sum to 2)")
+    for col in ("layer", "CV", "busiest expert", "idlest expert", *(f"e{e}" for e in range(8))):
+        table.add_column(col, justify="right")
+    for x in routing["layers"]:
+        table.add_row(str(x["layer"]), f"{x['cv']:.2f}", f"{max(x['share']):.1%}", f"{min(x['share']):.1%}",
+                      *(f"{v:.2f}" for v in x["share"]))
     console.print(table)
 
     bf16_mb = offload["all resident"]["bf16_expert_mb"]

@@ -18,6 +18,7 @@ from ..io import (atomic_write_text, check_weights, file_hash, load, load_tokeni
                   resolve)
 from . import data
 from .efficiency import measure_efficiency
+from ..moe.routing import count_routing
 from .quality import score_windows, task_accuracy, word_tables
 
 
@@ -194,9 +195,11 @@ def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=No
                                             show_progress=show_progress)
     if baseline is not None and base_model is None:
         base_model, _ = load(baseline, dtype=baseline_dtype, device=str(dev))
-    quality = score_windows(model, windows, baseline=base_model, batch_size=protocol.batch_size,
-                            cloze_table=word_tables(tok, model.config.vocab_size),
-                            cloze_min_context=protocol.cloze_min_context, show_progress=show_progress)
+    with count_routing(model) as routing:  # MoE models: expert frequency and balance over the same text
+        quality = score_windows(model, windows, baseline=base_model, batch_size=protocol.batch_size,
+                                cloze_table=word_tables(tok, model.config.vocab_size),
+                                cloze_min_context=protocol.cloze_min_context, show_progress=show_progress)
+    quality["routing"] = routing[0] if routing else None
     quality.update(task_accuracy=None, task_items=None, task_mean_tokens=None)
     rows = []
     if items:

@@ -198,7 +198,11 @@ def _context(reports: list[dict], weights: ScoreWeights) -> dict:
         warnings.append("protocols differ between reports in: " + ", ".join(diff)
                         + " — quality numbers may not be comparable")
     fronts = {k.replace("_", " "): ", ".join(v) if v else MISSING for k, v in scores["fronts"].items()}
+    routing = [(r["label"], f"{q['mean_active_experts']:.2f}", f"{q['mean_cv']:.2f}",
+                ", ".join(f"{x['cv']:.2f}" for x in q["layers"] if x["cv"] is not None))
+               for r in reports if (q := (r.get("quality") or {}).get("routing"))]
     return {"reports": reports, "scores": scores, "headers": headers, "rows": rows, "warnings": warnings, "fronts": fronts,
+            "routing": routing,
             "protocol": {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)
                          for k, v in protocol.items()},
             "protocol_from": reports[0]["label"], "estimated": sorted(est), "machines": machines}
@@ -218,11 +222,18 @@ def _markdown(ctx: dict, plots: list[tuple[str, str]], plot_notes: list[str]) ->
     lines += [f"- Pareto front, {k}: {_md_cell(v)}" for k, v in ctx["fronts"].items()]
     lines += [""] + [f"> **Warning:** {_md_cell(w)}" for w in ctx["warnings"]]
     lines += ["", "## Plots", ""] + [f"![{cap}]({name})" for name, cap in plots] + [f"- {n}" for n in plot_notes]
+    if ctx["routing"]:
+        lines += ["", "## Expert routing (MoE models)", "", ROUTING_NOTE, "",
+                  "| model | mean active experts | mean CV | CV per layer |", "|---|---|---|---|"]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in ctx["routing"]]
     lines += ["", f"## Protocol (from {_md_cell(ctx['protocol_from'])})", "", "| setting | value |", "|---|---|"]
     lines += [f"| {_md_cell(k)} | {_md_cell(v)} |" for k, v in ctx["protocol"].items()]
     lines += ["", "## Machines", ""] + [f"- {_md_cell(m)}" for m in ctx["machines"]]
     return "\n".join(lines) + "\n"
 
+
+ROUTING_NOTE = ("Over the perplexity text: tokens routed per expert, per layer. CV is the coefficient of "
+                "variation of the counts (0: perfectly balanced).")
 
 HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>pocketlm evaluation report</title>
@@ -249,6 +260,9 @@ code{background:#f3f3f3;padding:2px 4px}img{max-width:100%;margin:1em 0}
 <h2>Plots</h2>
 {% for name, cap in plots %}<figure><img src="{{ name }}" alt="{{ cap }}"><figcaption>{{ cap }}</figcaption></figure>
 {% endfor %}{% for n in plot_notes %}<p>{{ n }}</p>{% endfor %}
+{% if routing %}<h2>Expert routing (MoE models)</h2><p>{{ routing_note }}</p>
+<table><tr><th>model</th><th>mean active experts</th><th>mean CV</th><th>CV per layer</th></tr>
+{% for row in routing %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 <h2>Protocol (from {{ protocol_from }})</h2>
 <table><tr><th>setting</th><th>value</th></tr>
 {% for k, v in protocol.items() %}<tr><td>{{ k }}</td><td>{{ v }}</td></tr>{% endfor %}</table>
@@ -298,7 +312,8 @@ def _render(ctx: dict, directory: Path) -> None:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     plots, plot_notes = _plots(directory, ctx["reports"], ctx["scores"]["quality_metric"])
     (directory / "report.md").write_text(_markdown(ctx, plots, plot_notes), encoding="utf-8")
-    html = env.from_string(HTML).render(**ctx, plots=plots, plot_notes=plot_notes, missing=MISSING)
+    html = env.from_string(HTML).render(**ctx, plots=plots, plot_notes=plot_notes, missing=MISSING,
+                                        routing_note=ROUTING_NOTE)
     (directory / "report.html").write_text(html, encoding="utf-8")
     payload = {"score": ctx["scores"], "reports": ctx["reports"]}
     (directory / "report.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -111,14 +111,16 @@ def run_moe_bench(model_name: str, cfg: MoEBenchConfig = MoEBenchConfig(), *, dt
     ours = [int(t) for t, _ in gen.generate_step([prompt], cfg.new_tokens)]
     expert_peak = peak_rss_mb() - rss0
 
+    hf_gen = Generator(load(model_name, dtype=dtype)[0], tok)  # transformers' own MoE blocks, all resident
     base_model, _ = load(model_name, dtype=dtype)
     base_rt = offload_experts(base_model, resident=1.0, prefetch=False)
     base_gen = Generator(base_model, tok)
     theirs = [int(t) for t, _ in base_gen.generate_step([prompt], cfg.new_tokens)]
     rt.reset_stats()
-    rates: dict[str, list[float]] = {"all_resident": [], "configured": []}
+    rates: dict[str, list[float]] = {"all_resident": [], "configured": [], "transformers_blocks": []}
+    runners = (("all_resident", base_gen), ("configured", gen), ("transformers_blocks", hf_gen))
     for _ in progress_bar(range(cfg.rounds), "decode rounds", show=show_progress):  # alternate: shared machines drift
-        for name, g in (("all_resident", base_gen), ("configured", gen)):
+        for name, g in runners:
             rates[name].append(decode_tok_s(g, tokens, batch=1, prompt_len=cfg.prompt_tokens,
                                             new_tokens=cfg.new_tokens, warmup=0, repeats=1)[0])
     stats = rt.stats()
@@ -127,6 +129,8 @@ def run_moe_bench(model_name: str, cfg: MoEBenchConfig = MoEBenchConfig(), *, dt
         "model": model_name, "config": cfg.to_dict(), "threads": torch.get_num_threads(),
         "decode_tok_s": {k: statistics.median(v) for k, v in rates.items()}, "decode_rounds": rates,
         "speed_ratio": ratio, "tokens_identical": ours == theirs,
+        "speed_ratio_vs_transformers_blocks": statistics.median(
+            c / b for b, c in zip(rates["transformers_blocks"], rates["configured"])),
         "token_agreement": sum(a == b for a, b in zip(ours, theirs)) / len(theirs),
         "expert_peak_rss_mb": expert_peak, "expert_budget_mb": rt.cache.budget / 2**20,
         "expert_mb_all_resident": rt.cache.total_bytes / 2**20 if bits is None else None,

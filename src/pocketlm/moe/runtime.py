@@ -23,6 +23,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from .block import MoEBlock, Routing, moe_blocks
 from .cache import ExpertCache
 from .experts import Expert, quantize_expert
+from .routing import routing_report
 from .store import ExpertStore
 
 PREFETCH_SWITCH_INTERVAL_S = 2e-4
@@ -81,7 +82,8 @@ class MoERuntime:
         c = self.cache
         return {**c.stats.to_dict(), "budget_bytes": c.budget, "expert_bytes_all": c.total_bytes,
                 "resident_share": c.budget / c.total_bytes, "policy": c.policy, "prefetch": c._pool is not None,
-                "expert_bytes_on_disk": c.store.stored_bytes(), "routing": routing_report(self.blocks)}
+                "expert_bytes_on_disk": c.store.stored_bytes(),
+                "routing": routing_report([(b.counts.cpu(), b.tokens) for b in self.blocks])}
 
     def reset_stats(self) -> None:
         self.cache.stats = type(self.cache.stats)()
@@ -96,23 +98,6 @@ class MoERuntime:
         self.cache.store.close()
         if self._temporary:
             shutil.rmtree(self.store_dir, ignore_errors=True)
-
-
-def routing_report(blocks: list[MoEBlock]) -> dict:
-    """Per layer: share of tokens routed to each expert, load balance (coefficient of variation of the
-    counts; 0 is perfectly even) and mean active experts per token."""
-    layers = []
-    for b in blocks:
-        counts = b.counts.double()
-        mean = counts.mean().item()
-        layers.append({"layer": b.layer, "tokens": b.tokens,
-                       "share": (counts / max(b.tokens, 1)).tolist(),
-                       "cv": (counts.std(unbiased=False) / mean).item() if mean else None,
-                       "active": counts.sum().item() / b.tokens if b.tokens else None})
-    tokens = sum(b.tokens for b in blocks)
-    active = sum(b.counts.sum().item() for b in blocks) / tokens if tokens else None
-    cvs = [x["cv"] for x in layers if x["cv"] is not None]
-    return {"mean_active_experts": active, "mean_cv": sum(cvs) / len(cvs) if cvs else None, "layers": layers}
 
 
 @torch.no_grad()
