@@ -8,7 +8,7 @@
 - Routing diagnostics of the model on test.txt: per layer, each expert's share of tokens and the
   coefficient of variation of the counts.
 - Expert-wise 8/4-bit mix at <= 40% of the bf16 expert bytes vs uniform int4 (group 32, the kernel's
-  finest), and uniform int8: Δppl on test.txt.
+  finest, 31% of bf16), a mix at exactly uniform int4's bytes, and uniform int8: Δppl on test.txt.
 - Dynamic top-k by router mass (top-p): mean active experts and Δppl.
 - MoEfication of `small` at E=8: Δppl at k = 1, 2, 4 (8 = dense check) and the FFN multiply-adds saved.
 
@@ -100,6 +100,10 @@ def main() -> None:
                                                   "--bits-budget-mb", str(0.4 * bf16_mb), "--rounds", "1", *ppl),
         "uniform int4 g32": moe_bench(args, args.threads, "--resident", "1.0", "--no-prefetch",
                                       "--bits-budget-mb", str(per_expert * n_experts), "--rounds", "1", *ppl),
+        # the same bytes as uniform int4 g32, spent as coarser int4 groups plus some int8 experts
+        "mix 8/4 (g128) at uniform int4 g32's bytes": moe_bench(
+            args, args.threads, "--resident", "1.0", "--no-prefetch", "--bits-budget-mb", str(per_expert * n_experts),
+            "--group-size", "128", "--rounds", "1", *ppl),
         "uniform int8": moe_bench(args, args.threads, "--resident", "1.0", "--no-prefetch",
                                   "--bits-budget-mb", str(bf16_mb), "--rounds", "1", *ppl),
     }

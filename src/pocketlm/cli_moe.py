@@ -68,7 +68,7 @@ def moe_bench_cmd(
         table.add_column(col, justify="left" if col == "run" else "right")
     ppl_base = f"{r['ppl_all_resident']:.3f}" if "ppl" in r else "-"
     table.add_row("all resident", f"{r['decode_tok_s']['all_resident']:.1f}", "1.00", "1.00", "-", "0", "0",
-                  f"{r['expert_mb_all_resident'] or r['bf16_expert_mb'] * 2:.1f}", "-", ppl_base)
+                  f"{r['expert_mb_all_resident']:.1f}", "-", ppl_base)
     label = (f"{c['resident_share']:.0%} resident, {policy}" + (", prefetch" if prefetch else "")
              + (f", bits {r['bits_share_of_bf16']:.0%} of bf16" if bits_budget_mb else "")
              + (f", top-p {top_p}" if top_p else "") + (f", threshold {threshold}" if threshold else ""))

@@ -71,19 +71,22 @@ class MoEBenchConfig(BaseConfig):
         return Routing(top_p=self.top_p, threshold=self.threshold)
 
 
-def _bf16_expert_bytes(model) -> int:
-    blocks = require_moe(model)
-    return sum(2 * sum(t.numel() for t in w.values()) for _, _, b in blocks for w in fused_experts(b))
+def _expert_bytes(model) -> tuple[int, int]:
+    """Bytes of all experts in bf16 and in the model's own dtype."""
+    tensors = [t for _, _, b in require_moe(model) for w in fused_experts(b) for t in w.values()]
+    return sum(2 * t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
 
 def plan_bits(model, tok, budget_mb: float, group_size: int, samples: int, show_progress: bool = True):
     """The expert-wise 8/4-bit plan within `budget_mb`, from calibration on the embedded training text."""
     blocks = require_moe(model)
-    tokens, _ = calibration_tokens(tok, samples=samples, seq_len=512)
-    errors, _ = expert_errors(model, tokens, group_size=group_size, show_progress=show_progress)
     w = fused_experts(blocks[0][2])[0]
     hidden, inter = w["gate_up"].shape[1], w["down"].shape[1]
-    sizes = torch.tensor([expert_bytes(hidden, inter, b, group_size) for b in (8, 4)]).expand(*errors.shape[:2], 2)
+    shape = (len(blocks), len(fused_experts(blocks[0][2])), 2)
+    sizes = torch.tensor([expert_bytes(hidden, inter, b, group_size) for b in (8, 4)]).expand(*shape)
+    allocate_bits(torch.zeros(shape, dtype=torch.float64), sizes, int(budget_mb * 2**20))  # a budget too small fails now
+    tokens, _ = calibration_tokens(tok, samples=samples, seq_len=512)
+    errors, _ = expert_errors(model, tokens, group_size=group_size, show_progress=show_progress)
     return allocate_bits(errors, sizes, int(budget_mb * 2**20))
 
 
@@ -91,7 +94,7 @@ def run_moe_bench(model_name: str, cfg: MoEBenchConfig = MoEBenchConfig(), *, dt
                   show_progress: bool = True) -> dict:
     t0 = time.perf_counter()
     model, tok = load(model_name, dtype=dtype)
-    bf16_bytes = _bf16_expert_bytes(model)
+    bf16_bytes, float_bytes = _expert_bytes(model)
     bits = plan_bits(model, tok, cfg.bits_budget_mb, cfg.group_size, cfg.calib_samples, show_progress) \
         if cfg.bits_budget_mb is not None else None
     rt = offload_experts(model, resident=cfg.resident if cfg.expert_memory_mb is None else None,
@@ -107,7 +110,8 @@ def run_moe_bench(model_name: str, cfg: MoEBenchConfig = MoEBenchConfig(), *, dt
     release_freed_memory()
     reset_peak_rss()
     rss0 = _rss_mb()
-    rt.cache.warm() if rt.cache.budget >= rt.cache.total_bytes else None
+    if rt.cache.budget >= rt.cache.total_bytes:
+        rt.cache.warm()
     ours = [int(t) for t, _ in gen.generate_step([prompt], cfg.new_tokens)]
     expert_peak = peak_rss_mb() - rss0
 
@@ -133,7 +137,7 @@ def run_moe_bench(model_name: str, cfg: MoEBenchConfig = MoEBenchConfig(), *, dt
             c / b for b, c in zip(rates["transformers_blocks"], rates["configured"])),
         "token_agreement": sum(a == b for a, b in zip(ours, theirs)) / len(theirs),
         "expert_peak_rss_mb": expert_peak, "expert_budget_mb": rt.cache.budget / 2**20,
-        "expert_mb_all_resident": rt.cache.total_bytes / 2**20 if bits is None else None,
+        "expert_mb_all_resident": float_bytes / 2**20,
         "expert_mb_on_disk": stats["expert_bytes_on_disk"] / 2**20, "bf16_expert_mb": bf16_bytes / 2**20,
         "bits_share_of_bf16": stats["expert_bytes_on_disk"] / bf16_bytes if bits is not None else None,
         "bits_plan": bits, "cache": {k: v for k, v in stats.items() if k != "routing"},

@@ -74,7 +74,7 @@ def allocate_bits(errors: torch.Tensor, sizes: torch.Tensor, budget_bytes: int,
         j = choice.clamp(min=1) - 1
         gain = errors.gather(2, choice[..., None])[..., 0] - errors.gather(2, j[..., None])[..., 0]
         cost = (sizes.gather(2, j[..., None]) - sizes.gather(2, choice[..., None]))[..., 0].double()
-        ratio = torch.where((choice > 0) & (total + cost <= budget_bytes), gain / cost.clamp(min=1), -1.0)
+        ratio = torch.where((choice > 0) & (gain > 0) & (total + cost <= budget_bytes), gain / cost.clamp(min=1), -1.0)
         best = int(ratio.argmax())
         layer, expert = divmod(best, errors.shape[1])
         if ratio[layer, expert] < 0:

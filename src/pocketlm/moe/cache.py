@@ -2,8 +2,9 @@
 
 - Eviction: LRU (least recently used) or LFU (least often used, ties by recency), among experts the
   running layer does not still need.
-- Prefetch: `prefetch(layer, experts)` loads in a background thread while the caller computes (the
-  read and the dtype cast release the GIL); a later `fetch` of an expert still loading waits for it.
+- Prefetch: `prefetch(layer, scores, experts)` loads in a background thread while the caller
+  computes (the read releases the GIL), into free room or room taken from the same layer's less
+  likely residents; a later `fetch` of an expert still loading waits for it.
 - Memory: an evicted expert's buffer (one slab per expert) is kept for the next load of that size,
   so resident + spare buffers never exceed the budget and the allocator never sees the churn (freed
   and re-allocated blocks would otherwise pile up in glibc's arenas: 2.5x the budget when measured).
@@ -46,7 +47,7 @@ class CacheStats:
 class ExpertCache:
     """Resident experts of one model under `budget_bytes` (of their in-memory form)."""
 
-    def __init__(self, store: ExpertStore, budget_bytes: int, policy: str = "lru", prefetch: bool = True):
+    def __init__(self, store: ExpertStore, budget_bytes: int, policy: str = "lfu", prefetch: bool = False):
         if policy not in ("lru", "lfu"):
             raise ConfigError(f"unknown eviction policy '{policy}'", "use lru or lfu")
         self.store, self.budget, self.policy = store, int(budget_bytes), policy

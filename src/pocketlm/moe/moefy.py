@@ -107,20 +107,25 @@ def balanced_clusters(features: torch.Tensor, k: int, iters: int = 25, seed: int
 
 @torch.no_grad()
 def _capture_inputs(model, mlps, tokens: torch.Tensor, batch_size: int, max_tokens: int) -> list[torch.Tensor]:
-    """Each dense FFN's inputs over the calibration tokens (a random subset of `max_tokens` rows)."""
+    """Each dense FFN's inputs for a random `max_tokens` of the calibration tokens (the same tokens in
+    every layer), sampled batch by batch so no more than that is ever held."""
+    batches = tokens.split(batch_size)
+    per_batch = -(-max_tokens // len(batches))
+    g = torch.Generator().manual_seed(0)
     seen: list[list[torch.Tensor]] = [[] for _ in mlps]
-    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1])))
-             for i, m in enumerate(mlps)]
+    rows: list[torch.Tensor] = []
+
+    def keep(mod, args, i):
+        seen[i].append(args[0].reshape(-1, args[0].shape[-1])[rows[-1]].float())
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: keep(mod, args, i)) for i, m in enumerate(mlps)]
     try:
-        for batch in tokens.split(batch_size):
+        for batch in batches:
+            rows.append(torch.randperm(batch.numel(), generator=g)[:per_batch])
             model(input_ids=batch)
     finally:
         for h in hooks:
             h.remove()
-    g = torch.Generator().manual_seed(0)
-    xs = [torch.cat(s) for s in seen]
-    keep = torch.randperm(xs[0].shape[0], generator=g)[:max_tokens]
-    return [x[keep].float() for x in xs]
+    return [torch.cat(s) for s in seen]
 
 
 def _fit_router(x: torch.Tensor, mass: torch.Tensor, experts: int, steps: int) -> nn.Linear:

@@ -73,8 +73,8 @@ class MoERuntime:
         self._switch = None
         if cache._pool is not None:
             # The prefetch thread needs the GIL for a moment after each read. At Python's default 5 ms
-            # switch interval it waits for the decoding thread to give it up, which then waits for it:
-            # decoding ran at 0.65x of all-resident with prefetch on `moe`, 0.9x at 0.2 ms.
+            # switch interval it waits for the decoding thread to give it up, which then waits for it
+            # (in one test on `moe`: 0.65x of all-resident with prefetch at 5 ms, 0.9x at 0.2 ms).
             self._switch = sys.getswitchinterval()
             sys.setswitchinterval(min(self._switch, PREFETCH_SWITCH_INTERVAL_S))
 
@@ -128,11 +128,18 @@ def offload_experts(model, *, resident: float | int | None = None, expert_memory
         weights = fused_experts(block)
         experts.append([Expert(w) if bits is None or bits[i][e] is None
                         else quantize_expert(w, bits[i][e], group_size) for e, w in enumerate(weights)])
+    budget = budget_bytes({(i, e): ex.nbytes for i, layer in enumerate(experts) for e, ex in enumerate(layer)},
+                          resident, expert_memory_mb)
     temporary = store_dir is None
     store_dir = Path(tempfile.mkdtemp(prefix="pocketlm-experts-")) if temporary else Path(store_dir)
-    store = ExpertStore.write(store_dir, experts, page_cache)
-    del experts
-    cache = ExpertCache(store, budget_bytes(store.sizes(), resident, expert_memory_mb), policy, prefetch)
+    try:
+        store = ExpertStore.write(store_dir, experts, page_cache)
+        del experts
+        cache = ExpertCache(store, budget, policy, prefetch)
+    except BaseException:
+        if temporary:
+            shutil.rmtree(store_dir, ignore_errors=True)
+        raise
     new = []
     for i, (layer, attr, block) in enumerate(blocks):
         moe = MoEBlock(block, i, cache, routing)
