@@ -423,5 +423,6 @@ def main(argv: list[str] | None = None) -> None:
         Console(stderr=True).print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         sys.exit(2)
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m pocketlm.cli`: run the package's app, where the other modules register
+    from pocketlm.cli import main as package_main
+    package_main()
