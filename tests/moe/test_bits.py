@@ -27,8 +27,6 @@ def test_quantized_expert_is_close_and_sized(moe):
         q = quantize_expert(w, bits, 32)
         assert q.nbytes == expert_bytes(256, 256, bits, 32)
         errs[bits] = ((q(x, block.experts.act_fn) - exact).norm() / exact.norm()).item()
-        deq = q.float_weights()
-        assert deq["gate_up"].shape == w["gate_up"].shape and deq["down"].shape == w["down"].shape
     assert errs[8] < 0.02 and errs[8] < errs[4] < 0.2
 
 

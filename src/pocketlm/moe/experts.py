@@ -39,27 +39,6 @@ class Expert:
         gate, up = self._matmul(x, "gate_up").chunk(2, dim=-1)
         return self._matmul(act(gate) * up, "down")
 
-    def float_weights(self) -> dict[str, torch.Tensor]:
-        """gate_up and down as float matrices (dequantized when the expert is quantized)."""
-        if self.bits is None:
-            return dict(self.tensors)
-        return {name: _kernel_linear(self, name).dequantize() for name in MATRICES}
-
-
-def _kernel_linear(expert: Expert, name: str) -> QuantLinear:
-    """A QuantLinear view of one quantized matrix (for dequantizing; the hot path calls the kernel directly)."""
-    t = expert.tensors
-    q, s = t[f"{name}.q"], t[f"{name}.s"]
-    n = s.shape[0] if expert.bits == 8 else s.shape[1]
-    k = q.shape[1] if expert.bits == 8 else s.shape[0] * expert.group_size
-    m = QuantLinear(k, n, Scheme(expert.bits, expert.group_size), bias=False)
-    m.qweight, m.kernel_layout = q, True
-    if expert.bits == 8:
-        m.scales = s
-    else:
-        m.scales, m.zeros = s[..., 0].t().contiguous(), s[..., 1].t().contiguous()
-    return m
-
 
 def quantize_expert(weights: dict[str, torch.Tensor], bits: int, group_size: int = 64, search: int = 16) -> Expert:
     """Round-to-nearest of both matrices (with GPTQ's range search): int8 per channel, int4 per group."""

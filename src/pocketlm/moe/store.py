@@ -63,7 +63,6 @@ class ExpertStore:
         for parts in self._parts.values():  # widest elements first: every view in a slab stays aligned
             parts.sort(key=lambda p: -p[1][0].itemsize)
         self._fd = os.open(file, os.O_RDONLY)
-        self.bytes_read = 0
 
     @staticmethod
     def write(path: str | os.PathLike, experts: list[list[Expert]], page_cache: bool = True) -> "ExpertStore":
@@ -96,7 +95,6 @@ class ExpertStore:
                                         "delete it; the MoE runtime writes a new one from the model")
             tensors[name] = slab[at:at + n].view(dtype).view(shape)
             at += n
-            self.bytes_read += n
             if not self.page_cache:  # the next read of it goes to the disk, as when RAM cannot hold the store
                 os.posix_fadvise(self._fd, start, n, os.POSIX_FADV_DONTNEED)
         return Expert(tensors, bits, group, slab)
