@@ -9,6 +9,7 @@ from pocketlm.errors import ConfigError
 from pocketlm.moe.bits import allocate_bits, expert_errors
 from pocketlm.moe.experts import Expert, expert_bytes, quantize_expert
 from pocketlm.moe.runtime import fused_experts, moe_blocks, offload_experts
+from pocketlm.runtime import Generator
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,13 @@ def test_errors_rank_experts_and_mixed_model_runs(moe):
     with torch.no_grad():
         ref, got = model(ids).logits, m(ids).logits
     assert (ref.argmax(-1) == got.argmax(-1)).float().mean() > 0.8
+    small = copy.deepcopy(model)  # the same mix with a quarter of its bytes resident: the same tokens
+    rt_small = offload_experts(small, resident=0.25, bits=plan, group_size=64)
+    prompt = tok("And the earth was without form").input_ids
+    assert [int(t) for t, _ in Generator(small, tok).generate_step([prompt], 16)] == \
+        [int(t) for t, _ in Generator(m, tok).generate_step([prompt], 16)]
+    assert rt_small.stats()["misses"] > 0
     rt.close()
+    rt_small.close()
     with pytest.raises(ConfigError, match="plan does not match"):
         offload_experts(copy.deepcopy(model), resident=1.0, bits=plan[:2])

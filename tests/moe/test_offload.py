@@ -39,13 +39,13 @@ def test_all_resident_block_matches_transformers(moe):
     rt.close()
 
 
-@pytest.mark.parametrize("policy,prefetch", [("lru", True), ("lfu", True), ("lru", False)])
-def test_offloaded_decoding_is_identical_and_within_budget(moe, policy, prefetch):
+@pytest.mark.parametrize("policy,prefetch,page_cache", [("lru", True, True), ("lfu", True, False), ("lru", False, True)])
+def test_offloaded_decoding_is_identical_and_within_budget(moe, policy, prefetch, page_cache):
     model, tok = moe
     resident = copy.deepcopy(model)
     rt_all = offload_experts(resident, resident=1.0, prefetch=False)
     offloaded = copy.deepcopy(model)
-    rt = offload_experts(offloaded, resident=0.25, policy=policy, prefetch=prefetch)
+    rt = offload_experts(offloaded, resident=0.25, policy=policy, prefetch=prefetch, page_cache=page_cache)
     seen = []
     original = rt.cache._landed
 
