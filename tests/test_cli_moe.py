@@ -34,6 +34,8 @@ def test_moefy_writes_a_loadable_model(tmp_path, capsys):
     model, _ = pocketlm.load(tmp_path / "m")
     assert isinstance(model.model.layers[0].mlp, MoEfiedFFN) and model.model.layers[0].mlp.top_k == 1
     assert model.pocketlm_record["recipe"][-1]["kind"] == "moefy"
+    assert_bad_input(["compress", str(tmp_path / "m"), "-o", str(tmp_path / "q"), "--method", "rtn", "--bits", "8"],
+                     capsys, tmp_path, "moefied")
 
 
 def test_moefy_bad_input(tmp_path, capsys):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import pocketlm
+from pocketlm.compress import RTNConfig, compress_
 from pocketlm.errors import ConfigError, UnsupportedModelError
 from pocketlm.moe.moefy import MoEfiedFFN, balanced_clusters, ffn_flops_saved, moefy, set_top_k
 
@@ -62,3 +63,7 @@ def test_bad_input(tiny):
         moefy(copy.deepcopy(tiny[0]), tokens, experts=4, top_k=5)
     with pytest.raises(UnsupportedModelError, match="already"):
         moefy(pocketlm.load("moe")[0], tokens)
+    quantized = copy.deepcopy(tiny[0])
+    compress_(quantized, RTNConfig(bits=8), tok=tiny[1], show_progress=False)
+    with pytest.raises(UnsupportedModelError, match="quantized"):
+        moefy(quantized, tokens)

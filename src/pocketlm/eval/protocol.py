@@ -16,9 +16,9 @@ from ..config import BaseConfig, check, register_config
 from ..errors import DataError
 from ..io import (atomic_write_text, check_weights, file_hash, load, load_tokenizer, pick_dtype, read_config,
                   resolve)
+from ..moe.routing import count_routing
 from . import data
 from .efficiency import measure_efficiency
-from ..moe.routing import count_routing
 from .quality import score_windows, task_accuracy, word_tables
 
 

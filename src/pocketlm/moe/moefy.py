@@ -55,6 +55,9 @@ def _dense_mlps(model) -> list:
     if not mlps or any(not all(hasattr(m, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) for m in mlps):
         raise UnsupportedModelError(f"{type(model).__name__} has no dense gated FFN in every layer",
                                     "moefy a dense Llama/Qwen/Mistral model (an MoE model is already one)")
+    if any(type(getattr(m, n)) is not nn.Linear for m in mlps for n in ("gate_proj", "up_proj", "down_proj")):
+        raise UnsupportedModelError("moefy needs float FFN weights and this model's are quantized",
+                                    "moefy the float model (quantized MoEfied FFNs do not exist yet)")
     return mlps
 
 
