@@ -1,0 +1,1 @@
+"""Distillation and checkpoint merging (merge.py: linear, SLERP, TIES)."""
