@@ -374,32 +374,6 @@ def _compress_table(applied: list[dict]):
     return table
 
 
-@app.command("merge")
-def merge_cmd(
-    models: list[str] = typer.Argument(..., help="Two or more models of one architecture and tokenizer."),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    method: str = typer.Option("linear", help="linear, slerp (two models) or ties (needs --base)."),
-    weights: Optional[str] = typer.Option(None, help="linear: one weight per model, comma-separated."),
-    t: float = typer.Option(0.5, help="slerp: 0 is the first model, 1 the second."),
-    base: Optional[str] = typer.Option(None, help="ties: the model the others were fine-tuned from."),
-    density: float = typer.Option(0.5, help="ties: share of each task vector's entries kept."),
-    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
-):
-    """Merge checkpoints into one artifact (the merge is recorded in its pocketlm.json)."""
-    from .compress.distill.merge import merge_models
-    from .io import check_output, resolve, save
-
-    try:
-        w = [float(x) for x in weights.split(",")] if weights else None
-    except ValueError:
-        raise ConfigError(f"--weights '{weights}' is not a comma-separated list of numbers", "use e.g. 0.7,0.3") from None
-    protect = tuple(resolve(m).path for m in [*models, *([base] if base else [])])
-    check_output(output, overwrite, protect)  # before loading anything
-    model, tok, entry = merge_models(models, method, weights=w, t=t, base=base, density=density)
-    save(model, tok, output, recipe=[entry], overwrite=overwrite)
-    out.print(f"merged {len(models)} models ({method}) · wrote {output}")
-
-
 @app.command("report")
 def report_cmd(
     results: list[Path] = typer.Argument(..., help="EvalReport JSON files from `pocketlm eval --json`."),
@@ -431,7 +405,7 @@ def demo_cmd(
     out.print(f"report: {path / 'report.html'}")
 
 
-from . import cli_moe, cli_reason  # noqa: E402,F401  (register moe/moefy and chat/reason/router on `app`)
+from . import cli_distill, cli_moe, cli_reason  # noqa: E402,F401  (register their commands on `app`)
 
 
 def main(argv: list[str] | None = None) -> None:

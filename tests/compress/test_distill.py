@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pocketlm
 from pocketlm.compress.distill.losses import HiddenProjection, kd_loss, pair_layers
 from pocketlm.compress.distill.trainer import KDConfig, check_same_tokenizer, distill, packed_sequences
 from pocketlm.errors import ConfigError, DataError
@@ -96,3 +97,20 @@ def test_bad_input(setup, tiny):
             return {"a": 0}
     with pytest.raises(ConfigError, match="cross-tokenizer"):
         check_same_tokenizer(OtherTok(), tiny[1])
+
+
+def test_distill_command(setup, tiny, tmp_path, capsys):
+    from test_cli import assert_bad_input, run
+    _, student, _ = setup
+    pocketlm.save(student, tiny[1], tmp_path / "student")
+    out = tmp_path / "out"
+    code, stdout, err = run(["distill", "tiny", str(tmp_path / "student"), "-o", str(out), "--steps", "3",
+                             "--batch-size", "2", "--seq-len", "32"], capsys)
+    assert code == 0, err
+    assert "loss" in stdout
+    trained, _ = pocketlm.load(out)
+    assert trained.pocketlm_record["recipe"][-1]["kind"] == "kd"
+    assert_bad_input(["distill", "tiny", str(tmp_path / "student"), "-o", str(tmp_path / "x"), "--alpha", "2"],
+                     capsys, tmp_path, "alpha")
+    assert_bad_input(["distill", "tiny", str(tmp_path / "student"), "-o", str(tmp_path / "x"), "--resume"],
+                     capsys, tmp_path, "--workdir")

@@ -2,7 +2,8 @@
 
 loss = alpha · KL_T(teacher || student) · T² + (1 − alpha) · LM loss + hidden_weight · hidden-state MSE
 
-The same function runs on the CPU, one GPU, or several processes under `accelerate launch` (DDP):
+The same function runs on the CPU, one GPU, or several processes under `accelerate launch` or
+`torchrun` (DDP; on CPU set ACCELERATE_USE_CPU=true, or accelerate sees one process):
 each process takes its share of every batch, gradients are averaged, and the main process writes
 checkpoints. Teacher and student must share a tokenizer (no cross-tokenizer KD). Checkpoints hold the
 student, optimizer, schedule and RNG states (`accelerator.save_state`); `resume` continues from the
