@@ -18,7 +18,8 @@ student = copy.deepcopy(teacher)
 with torch.no_grad():
     for p in student.parameters():
         p.mul_(0.9)
-out = distill(student, teacher, data, KDConfig(steps=3, batch_size=4, seq_len=32), show_progress=False)
+out = distill(student, teacher, data, KDConfig(steps=3, batch_size=4, seq_len=32, hidden_weight=0.1),
+              show_progress=False)
 acc = Accelerator()
 sums = acc.gather(torch.stack([p.detach().sum() for p in student.parameters()]).sum().reshape(1))
 if acc.is_main_process:

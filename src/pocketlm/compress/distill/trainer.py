@@ -107,9 +107,9 @@ def distill(student, teacher, data: torch.Tensor, cfg: KDConfig = KDConfig(), *,
                                          batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     student.train()
-    prepared = accelerator.prepare(student, optimizer, loader, scheduler, *([proj] if proj is not None else []))
-    model, optimizer, loader, scheduler = prepared[:4]
-    proj = prepared[4] if proj is not None else None
+    model, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
+    if proj is not None:  # not wrapped (it may have no parameters); its gradients are averaged by hand below
+        proj.to(accelerator.device)
     teacher.to(accelerator.device).eval().requires_grad_(False)
 
     start, curve = 0, []
@@ -130,10 +130,12 @@ def distill(student, teacher, data: torch.Tensor, cfg: KDConfig = KDConfig(), *,
         if cfg.alpha < 1:
             loss = loss + (1 - cfg.alpha) * s_out.loss
         if proj is not None:
-            inner = accelerator.unwrap_model(proj)
-            loss = loss + cfg.hidden_weight * inner.loss([s_out.hidden_states[i] for i, _ in pairs],
-                                                         [t_out.hidden_states[j] for _, j in pairs])
+            loss = loss + cfg.hidden_weight * proj.loss([s_out.hidden_states[i] for i, _ in pairs],
+                                                        [t_out.hidden_states[j] for _, j in pairs])
         accelerator.backward(loss)
+        for p in proj.parameters() if proj is not None else ():
+            if p.grad is not None and accelerator.num_processes > 1:
+                p.grad = accelerator.reduce(p.grad, "mean")
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
