@@ -288,8 +288,8 @@ def test_compress_calib_tokens_sets_the_sequences(tmp_path, capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("options,needle", [
-    ([], "exactly one of --prune or --method"),
-    (["--prune", "wanda", "--method", "rtn"], "exactly one of --prune or --method"),
+    ([], "exactly one of --recipe, --prune or --method"),
+    (["--prune", "wanda", "--method", "rtn"], "exactly one of --recipe, --prune or --method"),
     (["--method", "rtn", "--bits", "5"], "rtn supports (8, 4, 3) bits, not 5"),
     (["--method", "rtn", "--bits", "4", "--group-size", "64"], "does not divide input width(s) [352]"),
     (["--method", "rtn", "--group-size", "48"], "group size 48 is not one of"),

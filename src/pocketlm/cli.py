@@ -296,6 +296,8 @@ def _check_export(export: Optional[str], gguf_type: str) -> None:
 def compress_cmd(
     model: str = typer.Argument(..., help="Model directory, embedded name or cached hub id."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    recipe: Optional[str] = typer.Option(None, help="A recipe YAML file or built-in name (edge-int8, edge-int4, "
+                                                    "minitron-50): passes applied in order."),
     prune: Optional[str] = typer.Option(None, help="magnitude, wanda, sparsegpt, heads, mlp, layers or width."),
     method: Optional[str] = typer.Option(None, help="Quantize: rtn, gptq, awq, smoothquant, progressive or mixed."),
     sparsity: float = typer.Option(0.5, help="Unstructured: fraction of weights set to zero."),
@@ -324,15 +326,22 @@ def compress_cmd(
     gguf_type: str = typer.Option("auto", help="auto (Q8_0 if all 8-bit, else Q4_0), F32, F16, Q8_0 or Q4_0."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ):
-    """Prune or quantize a model and save the artifact with its recipe (optionally also as GGUF)."""
+    """Prune, quantize or apply a recipe; save the artifact with what was applied (optionally also as GGUF)."""
     from .compress import compress_
+    from .compress.recipe import apply_recipe, is_quantization, load_recipe
     from .io import check_output, load, save
 
-    if (prune is None) == (method is None):
-        raise ConfigError("give exactly one of --prune or --method", "e.g. --method rtn --bits 4, or --prune wanda")
+    if sum(x is not None for x in (recipe, prune, method)) != 1:
+        raise ConfigError("give exactly one of --recipe, --prune or --method",
+                          "e.g. --recipe edge-int4, --method rtn --bits 4, or --prune wanda")
     quant_options = dict(bits=bits, group_size=group_size, sym=sym or None, act_order=act_order, then=then,
                          target_bits=target_bits, max_size_mb=max_size_mb)
-    if prune is not None:
+    if recipe is not None:
+        given = [k for k, v in quant_options.items() if v is not None]
+        if given or target_params is not None or ratio is not None:
+            raise ConfigError("pass options are given with --recipe", "write them into the recipe's passes")
+        cfg = load_recipe(recipe)  # every pass checked before any work
+    elif prune is not None:
         given = [k for k, v in quant_options.items() if v is not None]
         if given:
             raise ConfigError(f"{_option(given[0])} is a quantization option, given with --prune",
@@ -348,9 +357,11 @@ def compress_cmd(
     if export:
         from .gguf_export import auto_qtype, check_exportable, export_gguf
         check_exportable(m)  # the architecture; the layers once compressed
-    if method is not None:
-        _check_quant_targets(m, cfg)
-    applied = compress_(m, cfg, tok=tok, calib=calib, calib_samples=samples, calib_len=calib_len)
+    first = cfg.passes[0] if recipe is not None else cfg
+    if is_quantization(first):  # later quantization passes check the widths that pruning left
+        _check_quant_targets(m, first)
+    kwargs = dict(tok=tok, calib=calib, calib_samples=samples, calib_len=calib_len)
+    applied = apply_recipe(m, cfg, **kwargs) if recipe is not None else compress_(m, cfg, **kwargs)
     if export:
         qtype = auto_qtype(m) if gguf_type == "auto" else gguf_type
         check_exportable(m, qtype)  # before anything is written

@@ -1,4 +1,4 @@
-"""The distillation commands of the `pocketlm` app: distill, merge (registered on cli.app)."""
+"""The distillation commands of the `pocketlm` app: distill, merge, search (registered on cli.app)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -81,3 +81,60 @@ def distill_cmd(
              recipe=[{**cfg.to_dict(), "teacher": teacher, "text": str(path), "final_loss": curve[-1] if curve else None}])
         out.print(f"distilled {steps} steps on {result['processes']} process(es): loss {curve[0]:.3f} → {curve[-1]:.3f} "
                   f"in {result['wall_s']:.0f} s · wrote {output}" if curve else f"nothing left to train · wrote {output}")
+
+
+def _floats(value: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{what} '{value}' is not a comma-separated list of numbers", "use e.g. 0.25,0.5") from None
+
+
+@app.command("search")
+def search_cmd(
+    model: str = typer.Argument(..., help="Model directory, embedded name or cached hub id."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for the report, search.json and best/."),
+    max_size_mb: float = typer.Option(..., help="Budget: stored weights in MB."),
+    max_latency_ms: Optional[float] = typer.Option(None, help="Budget: ms per decoded token at batch 1."),
+    w_time: float = typer.Option(0.2, help="Score weight of normalized time per token."),
+    w_energy: float = typer.Option(0.2, help="Score weight of normalized energy per token."),
+    prune_ratios: str = typer.Option("0.25,0.5", help="Parameter shares removed by width pruning ('' for none)."),
+    quant: str = typer.Option("none,int8,int4", help="Quantization choices: none, int8, int4."),
+    kd_steps: int = typer.Option(100, help="KD recovery steps after each pruning (0: none)."),
+    tokens: int = typer.Option(32768, help="Test-text tokens each candidate's perplexity is measured on."),
+    calib: Optional[Path] = typer.Option(None, help="Calibration and KD text (default: embedded train slice)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+):
+    """Measure recipes over width pruning × KD × quantization; the Pareto set and the best within budget."""
+    from rich.table import Table
+
+    from .compress.distill.trainer import KDConfig
+    from .compress.search import SearchBudget, SearchSpace, run_search
+    from .eval.protocol import EvalProtocol
+    from .io import check_output, load, resolve
+
+    budget = SearchBudget(max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, w_time=w_time, w_energy=w_energy)
+    if kd_steps < 0:
+        raise ConfigError(f"--kd-steps {kd_steps} is negative", "use 0 (no recovery) or more")
+    space = SearchSpace(prune_ratios=_floats(prune_ratios, "--prune-ratios"),
+                        quant=tuple(q.strip() for q in quant.split(",") if q.strip()),
+                        kd=KDConfig(steps=kd_steps, lr=1e-3) if kd_steps else None)
+    protocol = EvalProtocol(tokens=tokens, decode_batch_sizes=(1,), repeats=3, threads=threads)
+    check_output(output, overwrite, protect=(resolve(model).path,))  # before the long work
+    _threads(threads)
+    m, tok = load(model)
+    result = run_search(m, tok, output, budget, space, protocol=protocol, calib=calib, overwrite=overwrite)
+    table = Table(title=f"pocketlm search (≤ {max_size_mb:g} MB" + (f", ≤ {max_latency_ms:g} ms/token" if max_latency_ms
+                                                                    else "") + f"): {result['score_formula']}")
+    for col in ("candidate", "ppl", "weights MB", "decode tok/s", "score", "budget", "Pareto"):
+        table.add_column(col, justify="right")
+    for c in result["candidates"]:
+        table.add_row(("→ " if c["name"] == result["best"] else "") + c["name"], f"{c['ppl']:.3f}",
+                      f"{c['weights_mb']:.2f}", f"{c['decode_tok_s'] or 0:.1f}", f"{c['score']:.3f}",
+                      "fits" if c["within_budget"] else "over", "yes" if c["pareto"] else "")
+    out.print(table)
+    for s in result["skipped"]:
+        out.print(f"skipped {s['name']}: {s['reason']}")
+    out.print(f"best within budget: {result['best']} · wrote {output}" if result["best"] else
+              f"no candidate fits the budget · wrote {output} (see the Pareto front)")

@@ -355,6 +355,7 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         "source": prior.get("source") or (
             {"name": source.name, "path": str(source.path), "hash": content_hash(source.path)} if source else None),
         "recipe": [*prior.get("recipe", []), *(recipe or [])],
+        "recipes": prior.get("recipes"),  # the recipes applied, as written (apply_recipe)
         "calibration_hash": calibration_hash or prior.get("calibration_hash"),
         "layer_shapes": prior.get("layer_shapes"),  # set by structured pruning when layers differ
         "moefy": prior.get("moefy"),  # set by moefy: FFNs split into experts with a router

@@ -149,7 +149,7 @@ def test_second_architecture_qwen2(reasoner):
     assert fast[0].mode == "fast" and fast[0].tokens <= 7 and fast[0].answer == fast[1].answer
     assert slow[0].mode == "slow" and slow[0].tokens <= 41
     capture: list = []
-    dual._decode([dual.prompt("What is 1+1?", "fast")], "fast", capture)
+    dual.decode([dual.prompt("What is 1+1?", "fast")], "fast", capture)
     assert len(capture) == 2 and capture[0].shape == (1, 64)
     routed = DualSystem(Generator(model, tok), mode="auto", router=_router(128, 0.6, None),
                         slow_tokens=20).answer(["What is 1+1?"])

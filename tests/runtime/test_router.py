@@ -91,7 +91,7 @@ def test_router_round_trip_and_model_check(fitted, tmp_path, tiny):
     path = router.save(tmp_path / "router")
     again = Router.load(path)
     capture: list = []
-    dual._decode([dual.prompt(it["question"], "fast") for it in items[:4]], "fast", capture)
+    dual.decode([dual.prompt(it["question"], "fast") for it in items[:4]], "fast", capture)
     torch.testing.assert_close(again.p_fast(capture), router.p_fast(capture))
     assert again.thresholds == json.loads(json.dumps(router.thresholds))
     with pytest.raises(OutputExistsError):

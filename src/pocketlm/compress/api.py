@@ -1,6 +1,7 @@
 """`compress_`: apply pass configs to a model in place, through a registry keyed on the config type."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Callable, ClassVar, Sequence
@@ -19,6 +20,7 @@ class PassConfig(BaseConfig):
     """Base of every compression method's config; says whether the method needs calibration data."""
 
     needs_calibration: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # KD recovery: trains toward the model as it entered compress_
 
 
 def register_pass(config_type: type[PassConfig]):
@@ -39,6 +41,7 @@ class PassContext:
     calib_len: int = 512
     show_progress: bool = True
     calib_hash: str | None = None
+    teacher: object = None
     _tokens: torch.Tensor | None = None
 
     @property
@@ -52,7 +55,7 @@ class PassContext:
 
 
 def compress_(model, configs: PassConfig | Sequence[PassConfig], *, tok=None, calib=None, calib_samples: int = 128,
-              calib_len: int = 512, show_progress: bool = True) -> list[dict]:
+              calib_len: int = 512, show_progress: bool = True, teacher=None) -> list[dict]:
     """Apply compression passes to `model` in place, in order.
 
     Args:
@@ -61,6 +64,8 @@ def compress_(model, configs: PassConfig | Sequence[PassConfig], *, tok=None, ca
         tok: the tokenizer (needed by passes that use calibration data).
         calib: calibration text file, (N, L) token tensor, or None for the embedded calibration text.
         calib_samples, calib_len: calibration sequences and their length in tokens (128 × 512).
+        teacher: the teacher of KD recovery passes; default a frozen copy of `model` as it is now,
+            before the first pass (it costs one more copy of the model in memory while they run).
 
     Returns the applied configs as dicts with each pass's statistics; they are also appended to
     `model.pocketlm_record["recipe"]` so that `pocketlm.save` stores them with the artifact.
@@ -72,15 +77,17 @@ def compress_(model, configs: PassConfig | Sequence[PassConfig], *, tok=None, ca
         if type(cfg) not in HANDLERS:
             raise ConfigError(f"no compression pass is registered for {type(cfg).__name__}",
                               "use a config from pocketlm.compress")
-        if cfg.needs_calibration and tok is None:
-            raise ConfigError(f"{cfg.kind} needs calibration data, so compress_ needs the tokenizer",
-                              "pass tok=tokenizer")
+        if (cfg.needs_calibration or cfg.needs_teacher) and tok is None:
+            what = "calibration data" if cfg.needs_calibration else "training text"
+            raise ConfigError(f"{cfg.kind} needs {what}, so compress_ needs the tokenizer", "pass tok=tokenizer")
     record = getattr(model, "pocketlm_record", None)
     if record is None:
         record = model.pocketlm_record = {}
     if record.get("moefy"):  # its FFNs slice their float weights per expert; passes would replace them
         raise ConfigError("compressing a moefied model is not supported yet",
                           "prune the dense model, then moefy it; quantized MoEfied FFNs do not exist yet")
+    if any(cfg.needs_teacher for cfg in configs):
+        ctx.teacher = teacher if teacher is not None else copy.deepcopy(model).eval().requires_grad_(False)
     applied = []
     for cfg in configs:
         stats = HANDLERS[type(cfg)](model, cfg, ctx) or {}

@@ -170,7 +170,7 @@ class DualSystem:
 
             def unsure(j: int, row: Row) -> bool:  # stop a fast answer at its first unsure token
                 return auto[j] and t_conf is not None and math.exp(row.logprobs[-1]) < t_conf
-            rows = self._decode([self.prompt(asked[i][0], "fast", history) for i in chunk], "fast", capture, route,
+            rows = self.decode([self.prompt(asked[i][0], "fast", history) for i in chunk], "fast", capture, route,
                                 abort=unsure)
             for j, (i, row) in enumerate(zip(chunk, rows)):
                 question, _, reason = asked[i]
@@ -190,7 +190,7 @@ class DualSystem:
                     reply.reason = "router: fast" + (f" (p_fast={p_fast[j]:.2f})" if p_fast[j] is not None else "")
                 replies[i] = reply
         for chunk in _chunks(slow, self.batch_size):
-            rows = self._decode([self.prompt(asked[i][0], "slow", history) for i in chunk], "slow")
+            rows = self.decode([self.prompt(asked[i][0], "slow", history) for i in chunk], "slow")
             for i, row in zip(chunk, rows):
                 question, _, reason = asked[i]
                 prior = replies[i]  # escalated or routed by the router: keep its evidence and costs
@@ -203,7 +203,7 @@ class DualSystem:
         """Replace the answers whose thinking the budget cut by fast-mode answers (costs add up)."""
         cut = [i for i, r in enumerate(replies) if r.budget_hit]
         for chunk in _chunks(cut, self.batch_size):
-            rows = self._decode([self.prompt(replies[i].question, "fast", history) for i in chunk], "fast")
+            rows = self.decode([self.prompt(replies[i].question, "fast", history) for i in chunk], "fast")
             for i, row in zip(chunk, rows):
                 before = replies[i]
                 reply = _after(before, self._reply(before.question, "fast",
@@ -211,7 +211,8 @@ class DualSystem:
                 reply.thinking, reply.thinking_tokens, reply.budget_hit = before.thinking, before.thinking_tokens, True
                 replies[i] = reply
 
-    def _decode(self, prompts: list[list[int]], mode: str, capture=None, on_start=None, abort=None) -> list[Row]:
+    def decode(self, prompts: list[list[int]], mode: str, capture=None, on_start=None, abort=None) -> list[Row]:
+        """Decode prompt ids in `mode` with this runtime's limits, stops, repair and budget; the final rows."""
         rows = None
         for rows in self._rows(prompts, mode, capture, on_start, abort):
             pass

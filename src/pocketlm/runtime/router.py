@@ -245,7 +245,7 @@ def fit_router(dual, items: Sequence[dict], *, max_drop: float = 0.5, token_budg
     for chunk in progress_bar(chunks, "router: fast and slow answers", show=show_progress):
         qs = [it["question"] for it in chunk]
         capture: list = []
-        rows = dual._decode([dual.prompt(q, "fast") for q in qs], "fast", capture)
+        rows = dual.decode([dual.prompt(q, "fast") for q in qs], "fast", capture)
         feats.append(features(capture))
         fast += [dual._reply(q, "fast", "", r) for q, r in zip(qs, rows)]
         logprobs += [r.logprobs for r in rows]

@@ -58,7 +58,7 @@ def test_folding_scales_keeps_the_float_function(tiny, which):
                                  AWQConfig(bits=3, group_size=32, then="gptq", clip=False)], ids=["rtn", "gptq"])
 def test_awq_int3_beats_rtn_on_real_text(tiny, awq):
     tok = tiny[1]
-    x = _text_ids(tok)
+    x = _text_ids(tok, 1024)  # 256 tokens measured KL too noisily: AWQ's margin moved ±2% across CPUs
     with torch.no_grad():
         ref = tiny[0](x).logits.log_softmax(-1)
     kl = {}
@@ -68,7 +68,7 @@ def test_awq_int3_beats_rtn_on_real_text(tiny, awq):
         assert stats["layers"] == 7 * model.config.num_hidden_layers
         kl[cfg.kind] = _kl(ref, model, x)
     assert 0 <= stats["mean_alpha"] < 1
-    assert kl["awq"] < 0.9 * kl["rtn"]
+    assert kl["awq"] < 0.9 * kl["rtn"], kl
 
 
 def test_scale_search_protects_salient_channels_and_restores_the_weights():

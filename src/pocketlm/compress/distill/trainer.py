@@ -20,9 +20,10 @@ from typing import ClassVar
 
 import torch
 
-from ...config import BaseConfig, check, register_config
+from ...config import check, register_config
 from ...errors import ConfigError, DataError
 from ...progress import progress_bar
+from ..api import PassConfig
 from .losses import HiddenProjection, kd_loss, pair_layers
 
 CHECKPOINT = "checkpoint"
@@ -30,10 +31,14 @@ CHECKPOINT = "checkpoint"
 
 @register_config
 @dataclasses.dataclass(frozen=True)
-class KDConfig(BaseConfig):
+class KDConfig(PassConfig):
     """steps of AdamW (lr, linear warm-up then cosine to 10%) on batches of batch_size × seq_len
     tokens; temperature T and alpha (KD share) of the loss; hidden_weight > 0 adds hidden-state MSE
-    (student layer i against the teacher layer at the same depth); checkpoint_every steps."""
+    (student layer i against the teacher layer at the same depth); checkpoint_every steps.
+
+    As a compression pass (a recovery step in a recipe) the teacher is the model as it entered
+    `compress_`, the data `text` (default: the calibration text), and a quantized student trains
+    its scales, zeros and float parameters with the codes fixed (see recover.py)."""
 
     steps: int = 300
     batch_size: int = 8
@@ -45,8 +50,10 @@ class KDConfig(BaseConfig):
     hidden_weight: float = 0.0
     checkpoint_every: int = 100
     seed: int = 0
+    text: str | None = None
 
     kind: ClassVar[str] = "kd"
+    needs_teacher: ClassVar[bool] = True
 
     def validate(self) -> None:
         check(self.steps >= 1 and self.batch_size >= 1 and self.seq_len >= 2, "steps, batch size and length must be "
@@ -82,11 +89,13 @@ def _schedule(cfg: KDConfig):
     return factor
 
 
-def distill(student, teacher, data: torch.Tensor, cfg: KDConfig = KDConfig(), *, workdir: str | Path | None = None,
-            resume: bool = False, show_progress: bool = True) -> dict:
+def distill(student, teacher, data: torch.Tensor, cfg: KDConfig = KDConfig(), *, mask: torch.Tensor | None = None,
+            workdir: str | Path | None = None, resume: bool = False, show_progress: bool = True) -> dict:
     """Train `student` (in place) toward `teacher` on token rows `data` (N, ≥ seq_len).
 
-    workdir: where checkpoints go (none without it). Returns the loss curve and run facts."""
+    mask: (N, ≥ seq_len) bool, True on the tokens to learn (sequence-level KD: the teacher-written
+    targets, not the prompts or padding); None learns every token. workdir: where checkpoints go (none
+    without it). Returns the loss curve and run facts."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -101,16 +110,21 @@ def distill(student, teacher, data: torch.Tensor, cfg: KDConfig = KDConfig(), *,
     pairs = pair_layers(student.config.num_hidden_layers, teacher.config.num_hidden_layers) if hidden else []
     proj = HiddenProjection(student.config.hidden_size, teacher.config.hidden_size, len(pairs)) if hidden else None
     params = list(student.parameters()) + (list(proj.parameters()) if proj is not None else [])
+    if not any(p.requires_grad for p in student.parameters()):
+        raise ConfigError("the student has no trainable parameters (a frozen copy?)",
+                          "call student.requires_grad_(True) before distilling")
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data[:, :cfg.seq_len]),
+    if mask is None:
+        mask = torch.ones_like(data, dtype=torch.bool)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data[:, :cfg.seq_len], mask[:, :cfg.seq_len]),
                                          batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     student.train()
     model, optimizer, loader, scheduler = accelerator.prepare(student, optimizer, loader, scheduler)
     if proj is not None:  # not wrapped (it may have no parameters); its gradients are averaged by hand below
         proj.to(accelerator.device)
-    teacher.to(accelerator.device).eval().requires_grad_(False)
+    teacher.to(accelerator.device).eval()  # run under no_grad; its requires_grad flags are the caller's
 
     start, curve = 0, []
     ckpt = Path(workdir) / CHECKPOINT if workdir is not None else None
@@ -122,11 +136,13 @@ def distill(student, teacher, data: torch.Tensor, cfg: KDConfig = KDConfig(), *,
     batches = _cycle(loader, start)
     steps = range(start, cfg.steps)
     for step in progress_bar(steps, "distill", show=show_progress and accelerator.is_main_process):
-        (ids,) = next(batches)
+        ids, learn = next(batches)
         with torch.no_grad():
             t_out = teacher(input_ids=ids, output_hidden_states=hidden)
-        s_out = model(input_ids=ids, labels=ids if cfg.alpha < 1 else None, output_hidden_states=hidden)
-        loss = cfg.alpha * kd_loss(s_out.logits[:, :-1], t_out.logits[:, :-1], cfg.temperature)
+        labels = ids.masked_fill(~learn, -100) if cfg.alpha < 1 else None
+        s_out = model(input_ids=ids, labels=labels, output_hidden_states=hidden)
+        # position t predicts token t + 1: it is learned when token t + 1 is
+        loss = cfg.alpha * kd_loss(s_out.logits[:, :-1], t_out.logits[:, :-1], cfg.temperature, learn[:, 1:])
         if cfg.alpha < 1:
             loss = loss + (1 - cfg.alpha) * s_out.loss
         if proj is not None:

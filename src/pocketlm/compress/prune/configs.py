@@ -146,14 +146,19 @@ class LayerDropConfig(PassConfig):
 @dataclasses.dataclass(frozen=True)
 class WidthPruneConfig(_Structured):
     """Minitron width pruning: remove hidden (embedding) channels and MLP channels by activation
-    importance, the same fraction of each, chosen so the model has at most `target_params` parameters."""
+    importance, the same fraction of each, chosen so the model has at most `target_params` parameters
+    (or `target_ratio` of its parameters, which is how a recipe says it for any model)."""
 
     kind: ClassVar[str] = "prune_width"
     target_params: int = 0
+    target_ratio: float = 0.0
 
     def validate(self) -> None:
         super().validate()
         check(self.importance == "activation", "width pruning ranks channels by activation importance",
               "use importance activation")
-        check(isinstance(self.target_params, int) and self.target_params > 0,
+        check((self.target_params > 0) != (self.target_ratio > 0), "width pruning needs one target: target_params "
+              "or target_ratio", "give e.g. --target-params 8M (or target_ratio: 0.5 in a recipe)")
+        check(isinstance(self.target_params, int) and self.target_params >= 0,
               f"target_params {self.target_params} must be a positive parameter count", "use e.g. --target-params 8M")
+        check(0 <= self.target_ratio < 1, f"target_ratio {self.target_ratio} is outside (0, 1)", "use e.g. 0.5")

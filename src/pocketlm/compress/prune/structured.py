@@ -304,9 +304,10 @@ def width_params(model, hidden: int, inter: int) -> int:
 def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
     _dense_only(model, "width pruning")
     before = _params(model)
+    target = cfg.target_params or int(before * cfg.target_ratio)
     hidden, inter = model.config.hidden_size, decoder_layers(model)[0].mlp.down_proj.in_features
-    if cfg.target_params >= before:
-        raise ConfigError(f"target of {cfg.target_params:,} parameters is not below the model's {before:,}",
+    if target >= before:
+        raise ConfigError(f"target of {target:,} parameters is not below the model's {before:,}",
                           "choose a --target-params smaller than the model")
     # Widths stay multiples of 32 (quantization groups, SIMD) and the hidden size a multiple of the
     # head count, which HF configs require; where the model is too small for that, of the head count alone.
@@ -318,10 +319,10 @@ def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if width_params(model, *sizes(mid)) <= cfg.target_params else (lo, mid)
+        lo, hi = (mid, hi) if width_params(model, *sizes(mid)) <= target else (lo, mid)
     new_hidden, new_inter = sizes(lo)
-    if width_params(model, new_hidden, new_inter) > cfg.target_params:
-        raise ConfigError(f"target of {cfg.target_params:,} parameters is below what width pruning can reach "
+    if width_params(model, new_hidden, new_inter) > target:
+        raise ConfigError(f"target of {target:,} parameters is below what width pruning can reach "
                           f"({width_params(model, new_hidden, new_inter):,})",
                           "raise --target-params or also prune heads and layers")
     scores = activation_importance(model, ctx.tokens, heads=False, hidden=True, show_progress=ctx.show_progress)
