@@ -149,6 +149,9 @@ def part_reasoner(args, console: Console) -> None:
         train_s = time.perf_counter() - t0
         final = accuracy(student, tok, test)
         arms[arm] = {"history": history, "test": final, "wall_s": train_s}
+        write_result("distill_reasoner", {  # after each arm, so a stopped run keeps what it measured
+            "partial": True, "teacher_test": teacher_test, "teacher_examples": kept, "arms": arms,
+            "student": {"params": params(pruned), "teacher_params": params(teacher)}})
         for row in history:
             console.print(f"{arm} round {row['round']}: trained {row.get('trained')} merged {row.get('merged')}")
         console.print(f"{arm}: arith_test {final} ({train_s:.0f} s)")
@@ -179,7 +182,8 @@ def part_reasoner(args, console: Console) -> None:
     console.print(table)
     console.print(checks)
     path = write_result("distill_reasoner", {
-        "device": "cpu", "threads": args.threads, "train_items": len(train), "fast_only_items": len(fast_only),
+        "partial": False, "device": "cpu", "threads": args.threads, "train_items": len(train),
+        "fast_only_items": len(fast_only),
         "dev_items": len(dev),
         "test_items": len(test), "teacher_test": teacher_test, "teacher_examples": kept, "teacher_generation_s": gen_s,
         "student": {"params": params(pruned), "teacher_params": params(teacher), "prune_stats": prune_stats,
