@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..eval.protocol import EvalProtocol, evaluate
 from ..eval.report import render_report
 from ..eval.score import ScoreWeights, weighted_scores
-from ..io import atomic_dir, save
+from ..io import atomic_dir, check_output, save
 from .api import compress_
 from .distill.trainer import KDConfig
 from .prune.configs import WidthPruneConfig
@@ -28,7 +28,7 @@ from .quant.rtn import RTNConfig
 from .quant.swap import check_targets
 
 QUANT = {"none": None, "int8": RTNConfig(bits=8, head=True),
-         # groups of 32 divide every width that width pruning leaves (multiples of 32)
+         # groups of 32, the finest the int4 kernel takes; a pruned width they do not divide is skipped
          "int4": GPTQConfig(bits=4, group_size=32, head=True)}
 
 
@@ -95,6 +95,8 @@ def run_search(model, tok, out: str | Path, budget: SearchBudget, space: SearchS
     """Measure every candidate, write `out` (report.md/html with the Pareto plots, search.json, and the
     chosen artifact in best/), and return search.json's content."""
     t0 = time.perf_counter()
+    check_output(out, overwrite, protect=(model.pocketlm_source.path,) if getattr(model, "pocketlm_source", None)
+                 else ())  # before the long work
     calib_kw = dict(tok=tok, calib=calib, calib_samples=64, calib_len=512, show_progress=show_progress)
     reports, candidates, models, skipped = [], [], {}, []
     for ratio in (0.0, *space.prune_ratios):
@@ -129,7 +131,8 @@ def run_search(model, tok, out: str | Path, budget: SearchBudget, space: SearchS
     best = max(within, key=lambda c: c["score"]) if within else None
     result = {"budget": budget.to_dict(), "space": {**space.to_dict(), "kd": space.kd and space.kd.to_dict()},
               "protocol": protocol.to_dict(), "score_formula": scores["formula"], "candidates": candidates,
-              "skipped": skipped, "pareto": scores["fronts"], "best": best["name"] if best else None, "wall_s": time.perf_counter() - t0}
+              "skipped": skipped, "pareto": scores["fronts"], "best": best["name"] if best else None,
+              "wall_s": time.perf_counter() - t0}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         render_report(reports, tmp, weights)
         (tmp / "search.json").write_text(json.dumps(result, indent=2) + "\n")
