@@ -87,6 +87,9 @@ def trainable_quantized(model) -> Iterator[int]:
             if isinstance(m, QuantLinear):
                 swapped[(i, name)] = TrainableQuantLinear(m)
                 set_module(layer, name, swapped[(i, name)])
+    head = model.get_output_embeddings()
+    if isinstance(head, QuantLinear):  # frozen, but the gradient must pass through it (the int8 kernel has none)
+        model.set_output_embeddings(TrainableQuantLinear(head).requires_grad_(False))
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     if swapped:
         for n, p in model.named_parameters():
@@ -97,6 +100,8 @@ def trainable_quantized(model) -> Iterator[int]:
         for n, p in model.named_parameters():
             if n in flags:
                 p.requires_grad_(flags[n])
+        if isinstance(head, QuantLinear):
+            model.set_output_embeddings(head)
         layers = decoder_layers(model)
         for (i, name), t in swapped.items():
             set_module(layers[i], name, t.write_back())
