@@ -17,8 +17,8 @@
   results/search_small/).
 
     python benchmarks/distill.py --part small [--steps 420] [--threads 2]
-    python benchmarks/distill.py --part reasoner [--train-items 3000 --fast-items 6000] [--rounds 3]
-                                 [--per-round 4000] [--round-steps 120]
+    python benchmarks/distill.py --part reasoner [--train-items 3000 --fast-items 12000] [--rounds 3]
+                                 [--per-round 8000] [--round-steps 280]
     python benchmarks/distill.py --part search [--max-size-mb 8]
 """
 from __future__ import annotations
@@ -228,11 +228,11 @@ def main() -> None:
     ap.add_argument("--max-size-mb", type=float, default=8.0, help="search: the size budget")
     ap.add_argument("--steps", type=int, default=420, help="small: KD steps")
     ap.add_argument("--train-items", type=int, default=3000, help="reasoner: arith_train prompts answered slow and fast")
-    ap.add_argument("--fast-items", type=int, default=6000, help="reasoner: further arith_train prompts answered fast")
+    ap.add_argument("--fast-items", type=int, default=12000, help="reasoner: further arith_train prompts answered fast")
     ap.add_argument("--dev-items", type=int, default=200, help="reasoner: arith_dev items scored each round")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--per-round", type=int, default=4000, help="reasoner: examples chosen per round")
-    ap.add_argument("--round-steps", type=int, default=120)
+    ap.add_argument("--per-round", type=int, default=8000, help="reasoner: examples chosen per round")
+    ap.add_argument("--round-steps", type=int, default=280)
     args = parse_reference_args(ap)
     console = Console(width=160)
     {"small": part_small, "reasoner": part_reasoner, "search": part_search}[args.part](args, console)
