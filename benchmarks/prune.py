@@ -4,10 +4,12 @@
 - Structured, 25% and 50% of parameters removed, (a) query heads + MLP channels, (b) Minitron width:
   weights MB, prefill latency (compute-bound) and decode time per token (pocketlm's engine, compiled,
   batch 1) as ratios to the dense model, timed alternately with it; ppl before recovery.
+- After KD recovery: each structured model trained from the dense one (logit KL at T 2 + LM loss, the
+  distillation issue's pass) for --recover-steps steps of 8 × 256 tokens of the train split; ppl again.
 - Depth: drop 2 of 8 layers by Block Influence vs the last 2.
 - Every artifact is saved, reloaded with pocketlm.load, and its logits compared with the in-memory model.
 
-    python benchmarks/prune.py [--model ../shared/reference/models/small] [--threads 2]
+    python benchmarks/prune.py [--model ../shared/reference/models/small] [--threads 2] [--recover-steps 150]
 """
 from __future__ import annotations
 
@@ -22,11 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 import pocketlm
-from pocketlm.compress import (HeadPruneConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig, SparseGPTConfig,
-                               WandaConfig, WidthPruneConfig, compress_)
+from pocketlm.compress import (HeadPruneConfig, KDConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig,
+                               SparseGPTConfig, WandaConfig, WidthPruneConfig, compress_)
 from pocketlm.eval.efficiency import decode_tok_s, prefill_ms
 from pocketlm.runtime import Generator
-from common import parse_reference_args, write_result
+from common import SHARED, parse_reference_args, write_result
 
 
 def params(model) -> int:
@@ -74,6 +76,7 @@ def heads_and_mlp(base, tok, fraction: float, calib: dict) -> tuple:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--recover-steps", type=int, default=150, help="KD steps per structured model (0: skip)")
     args = parse_reference_args(ap)
     t_start = time.perf_counter()
     calib = dict(calib_samples=args.calib_samples, calib_len=512, show_progress=False)
@@ -83,6 +86,16 @@ def main() -> None:
     dense_ppl = dense.quality["ppl"]
     speed_tokens = torch.randint(0, base.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     rows, console = [], Console(width=160)
+    # The distillation benchmark's KD recipe (alpha 0.9, T 2, lr 1e-3), shorter: every structured row gets it.
+    kd = KDConfig(steps=args.recover_steps, batch_size=8, seq_len=256, lr=1e-3, alpha=0.9,
+                  text=str(SHARED / "corpus" / "train.txt"))
+
+    def recover(model) -> dict:
+        student = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        stats = compress_(student, kd, teacher=base, tok=tok, show_progress=False)[0]["stats"]
+        return {"ppl_after_kd": pocketlm.evaluate(student, tok, quality, show_progress=False).quality["ppl"],
+                "kd_s": time.perf_counter() - t0, "kd_loss_first": stats["loss_first"], "kd_loss_last": stats["loss_last"]}
 
     def measure(name, model, applied, tmp, with_speed=False, **extra):
         report = pocketlm.evaluate(model, tok, quality, show_progress=False)
@@ -91,11 +104,14 @@ def main() -> None:
                "params": params(model), "params_ratio": params(model) / params(base),
                "weights_mb": report.efficiency["weights_mb"], "reloads_identically": reloads_identically(model, tok, tmp, name),
                "recipe": applied, **extra}
-        if with_speed:
+        if with_speed:  # the structured rows: speed, and ppl again after KD recovery
             row.update(paired_speed(base, model, tok, speed_tokens),
                        weights_ratio=report.efficiency["weights_mb"] / dense.efficiency["weights_mb"])
+            if args.recover_steps:
+                row.update(recover(model))
         rows.append(row)
-        console.print(f"{name}: ppl {ppl:.3f} (Δ {row['delta_pct']:+.2f}%), params {row['params_ratio']:.3f}×")
+        after = f", after KD {row['ppl_after_kd']:.3f}" if "ppl_after_kd" in row else ""
+        console.print(f"{name}: ppl {ppl:.3f} (Δ {row['delta_pct']:+.2f}%){after}, params {row['params_ratio']:.3f}×")
         return row
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,20 +142,23 @@ def main() -> None:
         "all_reload_identically": all(r["reloads_identically"] for r in rows),
     }
     table = Table(title=f"pruning {args.model} (dense ppl {dense_ppl:.3f}, {args.threads} threads)")
-    for col in ("method", "ppl", "Δppl %", "Δ/Δmag", "params ×", "weights ×", "prefill ×", "decode time ×", "reload ="):
+    for col in ("method", "ppl", "Δppl %", "Δ/Δmag", "ppl after KD", "params ×", "weights ×", "prefill ×",
+                "decode time ×", "reload ="):
         table.add_column(col, justify="right")
     mag = {"50%": by["magnitude 50%"]["delta_ppl"], "2:4": by["magnitude 2:4"]["delta_ppl"]}
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         key = r["name"].split()[-1] if r["name"].split()[0] in ("magnitude", "wanda", "sparsegpt") else None
         table.add_row(r["name"], f"{r['ppl']:.3f}", f"{r['delta_pct']:+.2f}",
-                      fmt(r["delta_ppl"] / mag[key] if key else None, ".3f"), f"{r['params_ratio']:.3f}",
+                      fmt(r["delta_ppl"] / mag[key] if key else None, ".3f"), fmt(r.get("ppl_after_kd"), ".3f"),
+                      f"{r['params_ratio']:.3f}",
                       fmt(r.get("weights_ratio"), ".3f"), fmt(r.get("prefill_ratio"), ".3f"),
                       fmt(r.get("decode_time_ratio"), ".3f"), "yes" if r["reloads_identically"] else "NO")
     console.print(table)
     console.print(checks)
     path = write_result("prune_small", {
         "model": args.model, "text": args.text, "tokens": args.tokens, "calib_samples": args.calib_samples,
+        "kd_recovery": kd.to_dict() if args.recover_steps else None,
         "dense": {"ppl": dense_ppl, "params": params(base), "weights_mb": dense.efficiency["weights_mb"]},
         "speed_engine": "pocketlm engine, compiled decode step (batch 1, greedy, 32-token prompt, 128 new tokens); prefill: one "
                         "forward of 512 tokens; ratios pruned/dense, alternated within rounds, median of 5 rounds",

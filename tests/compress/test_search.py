@@ -37,8 +37,9 @@ def test_every_candidate_is_measured_and_the_best_fits(searched):
     assert sharpest in result["pareto"]["quality_vs_size"]  # the best perplexity is never dominated
     saved = json.loads((out / "search.json").read_text())
     assert saved["best"] == result["best"] and (out / "report.html").is_file() and (out / "quality_vs_size.png").is_file()
-    again, _ = pocketlm.load(out / "best")
-    assert sum(p.numel() for p in again.parameters()) > 0
+    assert not (out / "candidates").exists()  # the other saved candidates are gone
+    again, _ = pocketlm.load(out / "best")  # the chosen candidate, not another one
+    assert [p["kind"] for p in again.pocketlm_record["recipe"]] == [p["kind"] for p in best["recipe"]]
 
 
 def test_a_budget_nothing_fits_is_reported_not_guessed(tiny, tmp_path):

@@ -3,13 +3,16 @@ with the one evaluation protocol; the Pareto set, and the best weighted score wi
 
 The grid is built as a tree so shared work is done once: each pruning level is pruned and recovered
 by KD (from the original) once, then quantized each way. Every candidate is measured in full (no
-proxy skips any), so the choice rests on measured size, speed and quality only.
+proxy skips any), so the choice rests on measured size, speed and quality only. Candidates within the
+budget are saved as they are measured, under the output's temporary folder, and the chosen one is
+moved to best/: memory holds one pruned stage and one quantized copy at a time, not the whole grid.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -98,44 +101,50 @@ def run_search(model, tok, out: str | Path, budget: SearchBudget, space: SearchS
     check_output(out, overwrite, protect=(model.pocketlm_source.path,) if getattr(model, "pocketlm_source", None)
                  else ())  # before the long work
     calib_kw = dict(tok=tok, calib=calib, calib_samples=64, calib_len=512, show_progress=show_progress)
-    reports, candidates, models, skipped = [], [], {}, []
-    for ratio in (0.0, *space.prune_ratios):
-        stage, passes = model, []
-        if ratio:
-            passes = [WidthPruneConfig(target_ratio=1 - ratio)] + ([space.kd] if space.kd else [])
-            stage = copy.deepcopy(model)
-            passes = compress_(stage, passes, teacher=model, **calib_kw)
-        for quant in space.quant:
-            name = _name(ratio, space.kd is not None, quant)
-            cand, applied = stage, list(passes)
-            if QUANT[quant] is not None:
-                try:  # a pruned width that no group size divides cannot take int4 groups
-                    check_targets(stage, QUANT[quant].scheme)
-                except ConfigError as e:
-                    skipped.append({"name": name, "reason": e.problem})
-                    continue
-                cand = copy.deepcopy(stage)
-                applied += compress_(cand, QUANT[quant], **calib_kw)
-            report = evaluate(cand, tok, protocol, baseline=(model, tok), label=name, show_progress=show_progress)
-            reports.append(report.to_dict())
-            candidates.append({"name": name, "recipe": applied, "ppl": report.quality["ppl"],
-                               "weights_mb": report.efficiency["weights_mb"],
-                               "decode_tok_s": report.efficiency.get("decode_tok_s")})
-            models[name] = cand
-    weights = ScoreWeights(w_time=budget.w_time, w_energy=budget.w_energy)
-    scores = weighted_scores(reports, weights)
-    for c, r, row in zip(candidates, reports, scores["rows"]):
-        c.update(score=row["score"], within_budget=_fits(r, budget),
-                 pareto=c["name"] in (scores["fronts"]["quality_vs_size"] or []))
-    within = [c for c in candidates if c["within_budget"]]
-    best = max(within, key=lambda c: c["score"]) if within else None
-    result = {"budget": budget.to_dict(), "space": {**space.to_dict(), "kd": space.kd and space.kd.to_dict()},
-              "protocol": protocol.to_dict(), "score_formula": scores["formula"], "candidates": candidates,
-              "skipped": skipped, "pareto": scores["fronts"], "best": best["name"] if best else None,
-              "wall_s": time.perf_counter() - t0}
+    reports, candidates, skipped = [], [], []
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        # Only a candidate within the budget can be chosen, so only those are kept (on disk).
+        kept = tmp / "candidates"
+        for ratio in (0.0, *space.prune_ratios):
+            stage, passes = model, []
+            if ratio:
+                passes = [WidthPruneConfig(target_ratio=1 - ratio)] + ([space.kd] if space.kd else [])
+                stage = copy.deepcopy(model)
+                passes = compress_(stage, passes, teacher=model, **calib_kw)
+            for quant in space.quant:
+                name = _name(ratio, space.kd is not None, quant)
+                cand, applied = stage, list(passes)
+                if QUANT[quant] is not None:
+                    try:  # a pruned width that no group size divides cannot take int4 groups
+                        check_targets(stage, QUANT[quant].scheme)
+                    except ConfigError as e:
+                        skipped.append({"name": name, "reason": e.problem})
+                        continue
+                    cand = copy.deepcopy(stage)
+                    applied += compress_(cand, QUANT[quant], **calib_kw)
+                report = evaluate(cand, tok, protocol, baseline=(model, tok), label=name, show_progress=show_progress)
+                reports.append(report.to_dict())
+                candidates.append({"name": name, "recipe": applied, "ppl": report.quality["ppl"],
+                                   "weights_mb": report.efficiency["weights_mb"],
+                                   "decode_tok_s": report.efficiency.get("decode_tok_s"),
+                                   "within_budget": _fits(reports[-1], budget)})
+                if candidates[-1]["within_budget"]:
+                    save(cand, tok, kept / str(len(candidates)))
+                del cand
+        weights = ScoreWeights(w_time=budget.w_time, w_energy=budget.w_energy)
+        scores = weighted_scores(reports, weights)
+        for c, row in zip(candidates, scores["rows"]):
+            c.update(score=row["score"], pareto=c["name"] in (scores["fronts"]["quality_vs_size"] or []))
+        within = [i for i, c in enumerate(candidates) if c["within_budget"]]
+        best = max(within, key=lambda i: candidates[i]["score"]) if within else None
+        result = {"budget": budget.to_dict(), "space": {**space.to_dict(), "kd": space.kd and space.kd.to_dict()},
+                  "protocol": protocol.to_dict(), "score_formula": scores["formula"], "candidates": candidates,
+                  "skipped": skipped, "pareto": scores["fronts"],
+                  "best": candidates[best]["name"] if best is not None else None, "wall_s": time.perf_counter() - t0}
         render_report(reports, tmp, weights)
         (tmp / "search.json").write_text(json.dumps(result, indent=2) + "\n")
         if best is not None:
-            save(models[best["name"]], tok, tmp / "best")
+            (kept / str(best + 1)).rename(tmp / "best")
+        if kept.exists():
+            shutil.rmtree(kept)
     return result

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ..progress import progress_bar
+from ..runtime.generate import Generator
+from ..runtime.rows import decode_rows
 
 WORD_MARKERS = ("Ġ", "▁", " ")  # byte-level BPE, SentencePiece, plain
 
@@ -132,36 +134,28 @@ def stop_token_ids(tok) -> list[int]:
     return sorted(ids)
 
 
-@torch.no_grad()
 def task_accuracy(model, tok, items: list[dict], *, thinking: bool = False, soft_switch: bool = True,
                   max_new_tokens: int = 64, batch_size: int = 16, show_progress: bool = True) -> dict:
-    """Greedy chat answers to question/answer items (left-padded batches).
+    """Greedy chat answers to question/answer items, decoded in batches by pocketlm's engine.
 
     The mode is set by the chat template's `enable_thinking` and, with `soft_switch`, by ending the
     user turn with " /think" or " /no_think" as Qwen3-style models are trained to read.
     Returns accuracy, items, mean generated tokens (stop token included) and per-item rows.
     """
-    stops = stop_token_ids(tok)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
-    dev = _device(model)
+    gen = Generator(model, tok)  # eager: one pass over the items does not repay a compile
+    stops = set(stop_token_ids(tok))
+    switch = (" /think" if thinking else " /no_think") if soft_switch else ""
     rows = []
-    old_side, tok.padding_side = tok.padding_side, "left"
-    try:
-        for start in progress_bar(range(0, len(items), batch_size), "tasks", show=show_progress):
-            chunk = items[start:start + batch_size]
-            switch = (" /think" if thinking else " /no_think") if soft_switch else ""
-            prompts = [tok.apply_chat_template([{"role": "user", "content": it["question"] + switch}], tokenize=False,
-                                               add_generation_prompt=True, enable_thinking=thinking) for it in chunk]
-            enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(dev)
-            out = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                                 pad_token_id=pad)
-            for it, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:].tolist()):
-                n = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
-                text = tok.decode(seq[:n], skip_special_tokens=False)
-                got = extract_answer(text, thinking)
-                rows.append({"question": it["question"], "answer": it["answer"], "output": text,
-                             "predicted": got, "correct": got == it["answer"], "tokens": n})
-    finally:
-        tok.padding_side = old_side
+    for start in progress_bar(range(0, len(items), batch_size), "tasks", show=show_progress):
+        chunk = items[start:start + batch_size]
+        prompts = [tok(tok.apply_chat_template([{"role": "user", "content": it["question"] + switch}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=thinking),
+                       add_special_tokens=False)["input_ids"] for it in chunk]
+        *_, done = decode_rows(gen, prompts, max_new_tokens, stops=stops)
+        for it, row in zip(chunk, done):
+            text = tok.decode(row.tokens, skip_special_tokens=False)
+            got = extract_answer(text, thinking)
+            rows.append({"question": it["question"], "answer": it["answer"], "output": text,
+                         "predicted": got, "correct": got == it["answer"], "tokens": row.generated})
     return {"task_accuracy": sum(r["correct"] for r in rows) / len(rows), "task_items": len(rows),
             "task_mean_tokens": sum(r["tokens"] for r in rows) / len(rows), "rows": rows}

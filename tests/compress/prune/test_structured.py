@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 
 import pocketlm
 from pocketlm.compress import HeadPruneConfig, LayerDropConfig, MlpPruneConfig, WidthPruneConfig, compress_
-from pocketlm.compress.prune.structured import drop_layers_, prune_heads_, prune_mlp_
+from pocketlm.compress.prune.structured import drop_layers_, prune_experts_, prune_heads_, prune_mlp_
 from pocketlm.errors import ConfigError, UnsupportedModelError
 
 CALIB = dict(calib_samples=8, calib_len=128, show_progress=False)
@@ -141,10 +141,59 @@ def test_impossible_settings(tiny_copy, cfg, error, needle):
         compress_(model, cfg, tok=tok, **CALIB)
 
 
-def test_moe_structured_mlp_is_refused():
+def test_removing_expert_channels_equals_zeroing_them():
+    ref, _ = pocketlm.load("moe")
+    pruned, zeroed = copy.deepcopy(ref), copy.deepcopy(ref)
+    experts = ref.model.layers[1].mlp.experts
+    n_exp, inter = experts.gate_up_proj.shape[0], experts.down_proj.shape[-1]
+    keep = torch.stack([torch.randperm(inter, generator=torch.Generator().manual_seed(e))[: inter // 2]
+                        for e in range(n_exp)])  # different channels in every expert
+    prune_experts_(pruned.model.layers[1].mlp.experts, keep)
+    with torch.no_grad():
+        for e in range(n_exp):
+            gone = torch.ones(inter, dtype=torch.bool)
+            gone[keep[e]] = False
+            zeroed.model.layers[1].mlp.experts.down_proj[e][:, gone] = 0
+    assert pruned.model.layers[1].mlp.experts.gate_up_proj.shape == (n_exp, inter, experts.gate_up_proj.shape[2])
+    assert torch.allclose(logits(pruned), logits(zeroed), atol=1e-4)
+    assert not torch.allclose(logits(pruned), logits(ref), atol=1e-2)
+
+
+def test_moe_mlp_pruning_shrinks_every_expert_and_reloads(tmp_path):
     model, tok = pocketlm.load("moe")
-    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
-        compress_(model, MlpPruneConfig(ratio=0.5), tok=tok, **CALIB)
+    before = sum(p.numel() for p in model.parameters())
+    stats = compress_(model, MlpPruneConfig(ratio=0.5), tok=tok, **CALIB)[0]["stats"]
+    experts = model.model.layers[0].mlp.experts
+    assert experts.down_proj.shape[-1] == 128 and model.config.intermediate_size == 128
+    assert stats["params_after"] == sum(p.numel() for p in model.parameters()) < before
+    pocketlm.save(model, tok, tmp_path / "art")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "art").eval()  # uniform: a plain HF config
+    assert torch.equal(logits(plain), logits(model))
+
+
+def test_qwen2_moe_experts_and_shared_expert_are_pruned(tmp_path, tiny):
+    from transformers import AutoConfig
+    cfg = AutoConfig.for_model("qwen2_moe", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=96, vocab_size=8192, num_experts=4,
+                               num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    compress_(model, MlpPruneConfig(ratio=0.25), tok=tiny[1], **CALIB)
+    assert (model.config.moe_intermediate_size, model.config.shared_expert_intermediate_size) == (24, 48)
+    assert model.model.layers[1].mlp.shared_expert.down_proj.in_features == 48
+    pocketlm.save(model, tiny[1], tmp_path / "art")
+    again, _ = pocketlm.load(tmp_path / "art")
+    assert torch.equal(logits(again), logits(model))
+
+
+@pytest.mark.parametrize("cfg,needle", [(MlpPruneConfig(ratio=0.5, scope="global"), "scope layer"),
+                                        (WidthPruneConfig(target_ratio=0.5), "mixture-of-experts")])
+def test_moe_structured_settings_it_cannot_take_are_refused(cfg, needle):
+    model, tok = pocketlm.load("moe")
+    before = logits(model)
+    with pytest.raises((ConfigError, UnsupportedModelError), match=needle):
+        compress_(model, cfg, tok=tok, **CALIB)
+    assert torch.equal(logits(model), before)
 
 
 def test_kept_rms_ratio_restores_norm_scale(tiny):

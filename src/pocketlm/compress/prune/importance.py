@@ -2,6 +2,8 @@
 
 Activation importance (Minitron): the L2 norm, over all calibration tokens, of each head's attention
 output, each MLP channel's activation, and each hidden channel of the normalized residual stream.
+In MoE layers each expert's channels are scored on the tokens routed to it, each activation scaled
+by the token's routing weight (what the expert's output is multiplied by).
 Taylor importance: |Σ w·∂L/∂w| over the weights of a structure (first-order loss change on removal).
 Block Influence (ShortGPT): 1 − mean cos(layer input, layer output) per token.
 Hooks hold one batch's activations at a time.
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from ...progress import progress_bar
 from ..calibration import decoder_layers
+from .sparsify import fused_experts
 
 
 def _attn(layer):
@@ -50,10 +53,12 @@ def _run_with_hooks(model, tokens: torch.Tensor, hooks: list, batch_size: int, w
 @torch.no_grad()
 def activation_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, heads: bool = True,
                           mlp: bool = True, hidden: bool = False, show_progress: bool = True) -> dict:
-    """Per layer: 'heads' (n_q,) and 'mlp' (intermediate,) norms; 'hidden' (hidden,) summed over every
-    normalization output in the model. Tensors are float32 on the CPU."""
+    """Per layer: 'heads' (n_q,) and 'mlp' (intermediate,) norms (None for an MoE layer), 'experts'
+    (E, expert intermediate) and 'shared' (shared expert's intermediate,) norms (None where the layer
+    has none); 'hidden' (hidden,) summed over every normalization output. Float32 on the CPU."""
     layers = decoder_layers(model)
-    sq = {"heads": [None] * len(layers), "mlp": [None] * len(layers), "hidden": None}
+    sq = {key: [None] * len(layers) for key in ("heads", "mlp", "experts", "shared")}
+    sq["hidden"] = None
     hooks = []
 
     def add(key, i, value):
@@ -75,6 +80,13 @@ def activation_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, h
             # down_proj input: act(gate)·up, (B, T, intermediate)
             hooks.append(layer.mlp.down_proj.register_forward_pre_hook(
                 lambda _m, args, i=i: add("mlp", i, args[0].detach().float().pow(2).flatten(0, -2).sum(0).cpu())))
+        if mlp and fused_experts(layer) is not None:
+            hooks.append(fused_experts(layer).register_forward_pre_hook(
+                lambda mod, args, kwargs, i=i: add("experts", i, _expert_sq(mod, args, kwargs)), with_kwargs=True))
+            shared = getattr(getattr(layer.mlp, "shared_expert", None), "down_proj", None)
+            if shared is not None:
+                hooks.append(shared.register_forward_pre_hook(
+                    lambda _m, args, i=i: add("shared", i, args[0].detach().float().pow(2).flatten(0, -2).sum(0).cpu())))
         if hidden:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
                 hooks.append(norm.register_forward_hook(add_hidden))
@@ -82,7 +94,25 @@ def activation_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, h
         hooks.append(model.model.norm.register_forward_hook(add_hidden))
     _run_with_hooks(model, tokens, hooks, batch_size, "importance", show_progress)
     sqrt = lambda t: None if t is None else t.sqrt()  # noqa: E731
-    return {"heads": [sqrt(t) for t in sq["heads"]], "mlp": [sqrt(t) for t in sq["mlp"]], "hidden": sqrt(sq["hidden"])}
+    out = {key: [sqrt(t) for t in sq[key]] for key in ("heads", "mlp", "experts", "shared")}
+    return {**out, "hidden": sqrt(sq["hidden"])}
+
+
+def _expert_sq(experts, args, kwargs) -> torch.Tensor:
+    """(E, I) sums of squared routing-weighted intermediate activations act(gate)·up, per expert channel."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    hidden, top_k, weights = (list(args) + [kwargs.get(n) for n in names[len(args):]])[:3]
+    gate_up = experts.gate_up_proj
+    out = torch.zeros(gate_up.shape[0], gate_up.shape[1] // 2)
+    for e in range(gate_up.shape[0]):
+        routed = top_k == e  # (tokens, k)
+        rows = routed.any(-1)
+        if not rows.any():
+            continue  # no calibration token reached this expert: its channels score 0
+        gate, up = F.linear(hidden[rows], gate_up[e]).chunk(2, dim=-1)
+        w = (weights * routed).sum(-1)[rows, None]
+        out[e] = (experts.act_fn(gate) * up * w).float().pow(2).sum(0).cpu()
+    return out
 
 
 def taylor_importance(model, tokens: torch.Tensor, *, batch_size: int = 8, show_progress: bool = True) -> dict:

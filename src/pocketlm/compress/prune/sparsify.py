@@ -28,7 +28,8 @@ class Matrix:
     stats: InputStats | None = field(default=None, repr=False)
 
 
-def _experts(layer: nn.Module) -> nn.Module | None:
+def fused_experts(layer: nn.Module) -> nn.Module | None:
+    """The layer's experts when stored fused, gate_up_proj (E, 2I, H) and down_proj (E, H, I); else None."""
     experts = getattr(getattr(layer, "mlp", None), "experts", None)
     fused = experts is not None and getattr(experts, "gate_up_proj", None) is not None
     return experts if fused and experts.gate_up_proj.ndim == 3 else None
@@ -36,7 +37,7 @@ def _experts(layer: nn.Module) -> nn.Module | None:
 
 def layer_matrices(layer: nn.Module) -> list[Matrix]:
     mats = [Matrix(name, lin.weight.data) for name, lin in linear_layers(layer).items()]
-    experts = _experts(layer)
+    experts = fused_experts(layer)
     if experts is not None:
         for e in range(experts.gate_up_proj.shape[0]):
             mats.append(Matrix(f"mlp.experts.{e}.gate_up_proj", experts.gate_up_proj.data[e]))
@@ -51,7 +52,7 @@ def _attach_stats(layer: nn.Module, mats: list[Matrix], hessian: bool) -> list:
         m.stats = InputStats(m.weight.shape[1], hessian=hessian)
     hooks = [lin.register_forward_pre_hook(lambda _mod, args, m=by_name[name]: m.stats.add(args[0]))
              for name, lin in linear_layers(layer).items()]
-    experts = _experts(layer)
+    experts = fused_experts(layer)
     if experts is not None:
         def expert_inputs(mod, args, kwargs):
             hidden, top_k = (list(args) + [kwargs.get("hidden_states"), kwargs.get("top_k_index")])[:2]

@@ -17,6 +17,7 @@ from ..calibration import decoder_layers
 from .configs import HeadPruneConfig, LayerDropConfig, MlpPruneConfig, WidthPruneConfig
 from .importance import (activation_importance, block_influence, head_dim, hidden_norms, is_moe, kept_rms_ratio,
                          n_heads, taylor_importance)
+from .sparsify import fused_experts
 
 # --- surgery ---------------------------------------------------------------------------------------
 
@@ -75,6 +76,22 @@ def prune_mlp_(mlp: nn.Module, keep: torch.Tensor) -> None:
     mlp.down_proj = keep_cols(mlp.down_proj, keep)
 
 
+def prune_experts_(experts: nn.Module, keep: torch.Tensor) -> None:
+    """Keep intermediate channels `keep` (E, I') of every expert of a fused expert block, gate_up_proj
+    (E, 2I, H) with gate rows then up rows, down_proj (E, H, I): the same count in every expert, so
+    the tensors stay fused, each expert with its own channels."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    keep = keep.sort(dim=-1).values.to(gate_up.device)
+    inter = down.shape[-1]
+    rows = torch.cat([keep, keep + inter], dim=1)  # gate rows, then the matching up rows
+    with torch.no_grad():
+        new_gate_up = gate_up.gather(1, rows[:, :, None].expand(-1, -1, gate_up.shape[2])).contiguous()
+        new_down = down.gather(2, keep[:, None, :].expand(-1, down.shape[1], -1)).contiguous()
+    experts.gate_up_proj = nn.Parameter(new_gate_up, requires_grad=gate_up.requires_grad)
+    experts.down_proj = nn.Parameter(new_down, requires_grad=down.requires_grad)
+    experts.intermediate_dim = keep.shape[1]
+
+
 def drop_layers_(model, drop: list[int]) -> None:
     """Remove decoder layers and renumber the rest (their KV-cache slots follow `layer_idx`)."""
     layers = decoder_layers(model)
@@ -122,16 +139,29 @@ def prune_hidden_(model, keep: torch.Tensor) -> None:
 
 # --- shapes: plain HF config when uniform, recorded per layer otherwise -----------------------------
 
-SHAPE_KEYS = ("q_heads", "kv_heads", "intermediate")
+def _shared_expert(layer: nn.Module) -> nn.Module | None:
+    shared = getattr(layer.mlp, "shared_expert", None)
+    return shared if shared is not None and hasattr(shared, "down_proj") else None
 
 
 def layer_shapes(model) -> list[dict]:
+    """Per layer: query and KV heads, the dense MLP's channels, and in MoE layers each expert's and the
+    shared expert's channels (None where the layer has no such part)."""
     shapes = []
     for layer in decoder_layers(model):
         nq, nkv = n_heads(layer.self_attn)
-        inter = layer.mlp.down_proj.in_features if hasattr(layer.mlp, "down_proj") else None
-        shapes.append({"q_heads": nq, "kv_heads": nkv, "intermediate": inter})
+        experts, shared = fused_experts(layer), _shared_expert(layer)
+        shapes.append({"q_heads": nq, "kv_heads": nkv,
+                       "intermediate": layer.mlp.down_proj.in_features if hasattr(layer.mlp, "down_proj") else None,
+                       "expert_intermediate": experts.down_proj.shape[-1] if experts is not None else None,
+                       "shared_intermediate": shared.down_proj.in_features if shared is not None else None})
     return shapes
+
+
+def _set_largest(cfg, field: str, values: list) -> None:
+    values = [v for v in values if v is not None]
+    if values and hasattr(cfg, field):
+        setattr(cfg, field, max(values))
 
 
 def sync_config(model) -> list[dict] | None:
@@ -142,8 +172,11 @@ def sync_config(model) -> list[dict] | None:
     cfg.head_dim = head_dim(decoder_layers(model)[0].self_attn)  # explicit: hidden/heads no longer gives it
     cfg.num_attention_heads = max(s["q_heads"] for s in shapes)
     cfg.num_key_value_heads = max(s["kv_heads"] for s in shapes)
-    if shapes[0]["intermediate"] is not None:
-        cfg.intermediate_size = max(s["intermediate"] for s in shapes)
+    _set_largest(cfg, "intermediate_size", [s["intermediate"] for s in shapes])
+    # Mixtral names its experts' width intermediate_size; Qwen-MoE moe_intermediate_size.
+    expert_field = "moe_intermediate_size" if hasattr(cfg, "moe_intermediate_size") else "intermediate_size"
+    _set_largest(cfg, expert_field, [s["expert_intermediate"] for s in shapes])
+    _set_largest(cfg, "shared_expert_intermediate_size", [s["shared_intermediate"] for s in shapes])
     uniform = all(s == shapes[0] for s in shapes)
     record = getattr(model, "pocketlm_record", None)
     if record is None:
@@ -166,6 +199,11 @@ def apply_layer_shapes(model, shapes: list[dict]) -> None:
         prune_heads_(attn, keep_q, keep_kv)
         if shape["intermediate"] is not None:
             prune_mlp_(layer.mlp, torch.arange(shape["intermediate"]))
+        if shape.get("expert_intermediate") is not None:  # absent in records written before MoE pruning
+            experts = fused_experts(layer)
+            prune_experts_(experts, torch.arange(shape["expert_intermediate"]).expand(experts.gate_up_proj.shape[0], -1))
+        if shape.get("shared_intermediate") is not None:
+            prune_mlp_(_shared_expert(layer), torch.arange(shape["shared_intermediate"]))
 
 
 # --- handlers ---------------------------------------------------------------------------------------
@@ -180,7 +218,7 @@ def _scores(model, cfg, ctx: PassContext, **kw) -> dict:
 def _dense_only(model, what: str) -> None:
     if is_moe(model):
         raise UnsupportedModelError(f"{what} of mixture-of-experts models is not supported",
-                                    "prune heads or layers, or use unstructured pruning on MoE models")
+                                    "prune heads, layers or MLP channels (--prune mlp), or unstructured")
 
 
 def _params(model) -> int:
@@ -249,22 +287,49 @@ def _choose(units: list[torch.Tensor], n_remove: int, scope: str) -> list[set]:
 
 @register_pass(MlpPruneConfig)
 def _prune_mlp(model, cfg: MlpPruneConfig, ctx: PassContext) -> dict:
-    _dense_only(model, "structured MLP pruning")
-    before = _params(model)
-    scores = _scores(model, cfg, ctx, heads=False)["mlp"]
+    """Dense MLPs lose `ratio` of their channels; in MoE layers every expert (and a shared expert) loses
+    `ratio` of its own, chosen per expert (scope layer only: experts of a layer stay one fused tensor)."""
     layers = decoder_layers(model)
+    moe = is_moe(model)
+    if moe:
+        unknown = [i for i, layer in enumerate(layers)
+                   if not hasattr(layer.mlp, "down_proj") and fused_experts(layer) is None]
+        if unknown:
+            raise UnsupportedModelError(f"layer {unknown[0]}'s MoE block does not store its experts fused "
+                                        "(gate_up_proj, down_proj)", "prune heads or layers, or unstructured")
+        if cfg.scope == "global" or cfg.importance == "taylor":
+            raise ConfigError("MoE models take structured MLP pruning with scope layer and activation importance",
+                              "use --scope layer --importance activation")
+    before = _params(model)
+    scores = _scores(model, cfg, ctx, heads=False)
     if cfg.scope == "layer":
-        keeps = [s.argsort(descending=True)[: max(1, round(len(s) * (1 - cfg.ratio)))] for s in scores]
-    else:
-        normed = torch.cat([s / s.mean() for s in scores])
+        keeps = [None if s is None else _top(s, cfg.ratio) for s in scores["mlp"]]
+    else:  # dense models only: one threshold on channel scores normalised by their layer's mean
+        normed = torch.cat([s / s.mean() for s in scores["mlp"]])
         n_keep = round(len(normed) * (1 - cfg.ratio))
         threshold = normed.sort(descending=True).values[n_keep - 1]
-        keeps = [(s / s.mean() >= threshold).nonzero().flatten() for s in scores]
-        keeps = [k if len(k) else s.argmax().view(1) for k, s in zip(keeps, scores)]
-    for layer, keep in zip(layers, keeps):
-        prune_mlp_(layer.mlp, keep)
+        keeps = [(s / s.mean() >= threshold).nonzero().flatten() for s in scores["mlp"]]
+        keeps = [k if len(k) else s.argmax().view(1) for k, s in zip(keeps, scores["mlp"])]
+    for i, layer in enumerate(layers):
+        if hasattr(layer.mlp, "down_proj"):
+            prune_mlp_(layer.mlp, keeps[i])
+            continue
+        per_expert = scores["experts"][i]  # (E, I)
+        n = _n_keep(per_expert.shape[1], cfg.ratio)
+        prune_experts_(fused_experts(layer), per_expert.argsort(dim=1, descending=True)[:, :n])
+        if scores["shared"][i] is not None:
+            prune_mlp_(_shared_expert(layer), _top(scores["shared"][i], cfg.ratio))
     sync_config(model)
     return {"params_before": before, "params_after": _params(model)}
+
+
+def _n_keep(n: int, ratio: float) -> int:
+    return max(1, round(n * (1 - ratio)))
+
+
+def _top(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Indices of the channels that stay when `ratio` of them go, strongest first."""
+    return scores.argsort(descending=True)[:_n_keep(len(scores), ratio)]
 
 
 @register_pass(LayerDropConfig)
