@@ -48,17 +48,17 @@ def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     return path
 
 
-def reference_args(ap: argparse.ArgumentParser, tokens: int = 65536) -> argparse.ArgumentParser:
+def reference_args(ap: argparse.ArgumentParser, tokens: int = 65536, model: str = "small") -> argparse.ArgumentParser:
     """The options every benchmark on the reference model shares: model, text, tokens, threads."""
-    ap.add_argument("--model", default=str(SHARED / "models" / "small"))
+    ap.add_argument("--model", default=str(SHARED / "models" / model))
     ap.add_argument("--text", default=str(SHARED / "corpus" / "test.txt"))
     ap.add_argument("--tokens", type=int, default=tokens)
     ap.add_argument("--threads", type=int, default=2)
     return ap
 
 
-def parse_reference_args(ap: argparse.ArgumentParser, tokens: int = 65536) -> argparse.Namespace:
+def parse_reference_args(ap: argparse.ArgumentParser, tokens: int = 65536, model: str = "small") -> argparse.Namespace:
     """Parse the shared and the script's own options and apply --threads."""
-    args = reference_args(ap, tokens).parse_args()
+    args = reference_args(ap, tokens, model).parse_args()
     torch.set_num_threads(args.threads)
     return args
