@@ -186,14 +186,52 @@ def test_qwen2_moe_experts_and_shared_expert_are_pruned(tmp_path, tiny):
     assert torch.equal(logits(again), logits(model))
 
 
-@pytest.mark.parametrize("cfg,needle", [(MlpPruneConfig(ratio=0.5, scope="global"), "scope layer"),
-                                        (WidthPruneConfig(target_ratio=0.5), "mixture-of-experts")])
-def test_moe_structured_settings_it_cannot_take_are_refused(cfg, needle):
+def test_moe_expert_widths_stay_aligned_for_the_grouped_matmul():
+    model, tok = pocketlm.load("moe")
+    compress_(model, MlpPruneConfig(ratio=0.3), tok=tok, **CALIB)  # 256 · 0.7 = 179.2 channels
+    assert model.model.layers[0].mlp.experts.down_proj.shape[-1] == 176
+    assert torch.isfinite(logits(model)).all()  # unaligned widths fail in transformers' grouped matmul
+
+
+def test_moe_global_mlp_scope_is_refused_before_any_change():
     model, tok = pocketlm.load("moe")
     before = logits(model)
-    with pytest.raises((ConfigError, UnsupportedModelError), match=needle):
-        compress_(model, cfg, tok=tok, **CALIB)
+    with pytest.raises(ConfigError, match="scope layer"):
+        compress_(model, MlpPruneConfig(ratio=0.5, scope="global"), tok=tok, **CALIB)
     assert torch.equal(logits(model), before)
+
+
+def test_width_pruning_of_moe_reaches_the_target_and_reloads(tmp_path):
+    model, tok = pocketlm.load("moe")
+    before = sum(p.numel() for p in model.parameters())
+    stats = compress_(model, WidthPruneConfig(target_ratio=0.65), tok=tok, **CALIB)[0]["stats"]
+    after = sum(p.numel() for p in model.parameters())
+    # widths move in steps of 32 of 256: 3/4 of them gives 0.611 of the parameters, the largest that fits
+    assert stats["params_after"] == after <= 0.65 * before and after > 0.6 * before
+    hidden = model.config.hidden_size
+    block = model.model.layers[0].mlp
+    assert hidden == stats["hidden"] < 256 and block.gate.weight.shape == (8, hidden)
+    assert block.experts.gate_up_proj.shape[2] == hidden and block.experts.down_proj.shape[1] == hidden
+    assert torch.isfinite(logits(model)).all()
+    pocketlm.save(model, tok, tmp_path / "art")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "art").eval()
+    assert torch.equal(logits(plain), logits(model))
+
+
+def test_width_pruning_of_qwen2_moe_prunes_the_shared_expert_and_its_gate(tiny):
+    from transformers import AutoConfig
+    cfg = AutoConfig.for_model("qwen2_moe", hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, intermediate_size=96, vocab_size=8192, num_experts=4,
+                               num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    before = sum(p.numel() for p in model.parameters())
+    compress_(model, WidthPruneConfig(target_ratio=0.7), tok=tiny[1], **CALIB)
+    assert sum(p.numel() for p in model.parameters()) <= 0.7 * before
+    block, hidden = model.model.layers[1].mlp, model.config.hidden_size
+    assert block.shared_expert_gate.in_features == hidden == block.shared_expert.down_proj.out_features
+    assert model.config.shared_expert_intermediate_size == block.shared_expert.down_proj.in_features < 128
+    assert torch.isfinite(logits(model)).all()
 
 
 def test_kept_rms_ratio_restores_norm_scale(tiny):

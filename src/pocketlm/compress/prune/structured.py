@@ -113,7 +113,8 @@ def _slice_norm_(norm: nn.Module, keep: torch.Tensor) -> None:
 
 
 def prune_hidden_(model, keep: torch.Tensor) -> None:
-    """Keep hidden (residual-stream) channels `keep` everywhere: embeddings, norms, every projection."""
+    """Keep hidden (residual-stream) channels `keep` everywhere: embeddings, norms, every projection,
+    and in MoE layers the router, every expert and the shared expert with its gate."""
     keep = keep.sort().values
     emb = model.model.embed_tokens
     tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is emb.weight
@@ -124,8 +125,10 @@ def prune_hidden_(model, keep: torch.Tensor) -> None:
         for name in ("q_proj", "k_proj", "v_proj"):
             setattr(attn, name, keep_cols(getattr(attn, name), keep))
         attn.o_proj = keep_rows(attn.o_proj, keep)
-        mlp.gate_proj, mlp.up_proj = keep_cols(mlp.gate_proj, keep), keep_cols(mlp.up_proj, keep)
-        mlp.down_proj = keep_rows(mlp.down_proj, keep)
+        if hasattr(mlp, "down_proj"):
+            _hidden_of_mlp_(mlp, keep)
+        else:
+            _hidden_of_moe_(mlp, fused_experts(layer), _shared_expert(layer), keep)
         _slice_norm_(layer.input_layernorm, keep)
         _slice_norm_(layer.post_attention_layernorm, keep)
     _slice_norm_(model.model.norm, keep)
@@ -135,6 +138,30 @@ def prune_hidden_(model, keep: torch.Tensor) -> None:
     else:
         model.lm_head = keep_cols(head, keep)
     model.config.hidden_size = len(keep)
+
+
+def _hidden_of_mlp_(mlp: nn.Module, keep: torch.Tensor) -> None:
+    mlp.gate_proj, mlp.up_proj = keep_cols(mlp.gate_proj, keep), keep_cols(mlp.up_proj, keep)
+    mlp.down_proj = keep_rows(mlp.down_proj, keep)
+
+
+def _hidden_of_moe_(block: nn.Module, experts: nn.Module, shared: nn.Module | None, keep: torch.Tensor) -> None:
+    keep = keep.to(experts.gate_up_proj.device)
+    experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[:, :, keep].contiguous(),
+                                        requires_grad=experts.gate_up_proj.requires_grad)
+    experts.down_proj = nn.Parameter(experts.down_proj.data[:, keep, :].contiguous(),
+                                     requires_grad=experts.down_proj.requires_grad)
+    experts.hidden_dim = len(keep)
+    router = block.gate  # an (E, H) weight: transformers' TopKRouter, or an nn.Linear in older layouts
+    if isinstance(router, nn.Linear):
+        block.gate = keep_cols(router, keep)
+    else:
+        router.weight = nn.Parameter(router.weight.data[:, keep].contiguous(), requires_grad=router.weight.requires_grad)
+        router.hidden_dim = len(keep)
+    if shared is not None:
+        _hidden_of_mlp_(shared, keep)
+    if getattr(block, "shared_expert_gate", None) is not None:
+        block.shared_expert_gate = keep_cols(block.shared_expert_gate, keep)
 
 
 # --- shapes: plain HF config when uniform, recorded per layer otherwise -----------------------------
@@ -213,12 +240,6 @@ def _scores(model, cfg, ctx: PassContext, **kw) -> dict:
     if cfg.importance == "taylor":
         return taylor_importance(model, ctx.tokens, show_progress=ctx.show_progress)
     return activation_importance(model, ctx.tokens, show_progress=ctx.show_progress, **kw)
-
-
-def _dense_only(model, what: str) -> None:
-    if is_moe(model):
-        raise UnsupportedModelError(f"{what} of mixture-of-experts models is not supported",
-                                    "prune heads, layers or MLP channels (--prune mlp), or unstructured")
 
 
 def _params(model) -> int:
@@ -315,7 +336,7 @@ def _prune_mlp(model, cfg: MlpPruneConfig, ctx: PassContext) -> dict:
             prune_mlp_(layer.mlp, keeps[i])
             continue
         per_expert = scores["experts"][i]  # (E, I)
-        n = _n_keep(per_expert.shape[1], cfg.ratio)
+        n = _aligned(_n_keep(per_expert.shape[1], cfg.ratio))
         prune_experts_(fused_experts(layer), per_expert.argsort(dim=1, descending=True)[:, :n])
         if scores["shared"][i] is not None:
             prune_mlp_(_shared_expert(layer), _top(scores["shared"][i], cfg.ratio))
@@ -325,6 +346,11 @@ def _prune_mlp(model, cfg: MlpPruneConfig, ctx: PassContext) -> dict:
 
 def _n_keep(n: int, ratio: float) -> int:
     return max(1, round(n * (1 - ratio)))
+
+
+def _aligned(n: int) -> int:
+    """Expert widths in multiples of 8: transformers' grouped expert matmul needs 16-byte aligned rows."""
+    return max(8, n // 8 * 8) if n >= 8 else n
 
 
 def _top(scores: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -348,8 +374,32 @@ def _drop_layers(model, cfg: LayerDropConfig, ctx: PassContext) -> dict:
     return {"dropped": drop, "block_influence": bi, "params_before": before, "params_after": _params(model)}
 
 
-def width_params(model, hidden: int, inter: int) -> int:
-    """Parameter count of a dense model after width pruning to `hidden` channels and `inter` MLP channels."""
+def _mlp_groups(layer: nn.Module) -> list[tuple[int, int]]:
+    """(copies, channels) of each gated MLP in a layer: the dense MLP, or the experts and a shared expert."""
+    if hasattr(layer.mlp, "down_proj"):
+        return [(1, layer.mlp.down_proj.in_features)]
+    experts, shared = fused_experts(layer), _shared_expert(layer)
+    return [(experts.gate_up_proj.shape[0], experts.down_proj.shape[-1])] + \
+        ([(1, shared.down_proj.in_features)] if shared is not None else [])
+
+
+def _router_rows(layer: nn.Module) -> int:
+    """Weights per hidden channel outside the MLPs of an MoE block: the router's E rows, the shared gate's."""
+    if hasattr(layer.mlp, "down_proj"):
+        return 0
+    gate = getattr(layer.mlp, "shared_expert_gate", None)
+    return layer.mlp.gate.weight.shape[0] + (gate.out_features if gate is not None else 0)
+
+
+def kept_channels(channels: int, fraction: float) -> int:
+    """MLP channels kept at `fraction`: multiples of 32 (quantization groups, SIMD) where the MLP is wide
+    enough, else of 8 (transformers' grouped expert matmul needs 16-byte aligned rows)."""
+    step = 32 if channels >= 8 * 32 else 8 if channels >= 8 * 8 else 1
+    return max(step, int(channels * fraction) // step * step)
+
+
+def width_params(model, hidden: int, fraction: float) -> int:
+    """Parameter count after width pruning to `hidden` channels and `fraction` of every MLP's channels."""
     layers = decoder_layers(model)
     total = model.model.embed_tokens.weight.shape[0] * hidden
     head = model.get_output_embeddings()
@@ -360,40 +410,53 @@ def width_params(model, hidden: int, inter: int) -> int:
         total += hidden * (a.q_proj.out_features + a.k_proj.out_features + a.v_proj.out_features)
         total += sum(p.bias.numel() for p in (a.q_proj, a.k_proj, a.v_proj) if p.bias is not None)
         total += a.o_proj.in_features * hidden + (hidden if a.o_proj.bias is not None else 0)
-        total += 3 * hidden * inter + 2 * hidden
+        total += sum(copies * 3 * hidden * kept_channels(c, fraction) for copies, c in _mlp_groups(layer))
+        total += _router_rows(layer) * hidden + 2 * hidden
         total += sum(p.numel() for n, p in a.named_parameters() if "norm" in n)  # q_norm/k_norm (Qwen3)
     return total + hidden  # final norm
 
 
 @register_pass(WidthPruneConfig)
 def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
-    _dense_only(model, "width pruning")
     before = _params(model)
     target = cfg.target_params or int(before * cfg.target_ratio)
-    hidden, inter = model.config.hidden_size, decoder_layers(model)[0].mlp.down_proj.in_features
+    layers = decoder_layers(model)
+    if any(not hasattr(layer.mlp, "down_proj") and fused_experts(layer) is None for layer in layers):
+        raise UnsupportedModelError("width pruning needs dense MLPs or fused experts (gate_up_proj, down_proj)",
+                                    "prune heads or layers, or unstructured")
+    hidden = model.config.hidden_size
     if target >= before:
         raise ConfigError(f"target of {target:,} parameters is not below the model's {before:,}",
                           "choose a --target-params smaller than the model")
-    # Widths stay multiples of 32 (quantization groups, SIMD) and the hidden size a multiple of the
-    # head count, which HF configs require; where the model is too small for that, of the head count alone.
+    # The hidden size stays a multiple of the head count, which HF configs require, and of 32 (or 8)
+    # where the model is wide enough; MLP channels as in kept_channels.
     heads = model.config.num_attention_heads
     h_step = next((step for step in (math.lcm(heads, 32), math.lcm(heads, 8)) if hidden >= 8 * step), heads)
-    i_step = 32 if inter >= 8 * 32 else 1
-    sizes = lambda f: (max(h_step, int(hidden * f) // h_step * h_step), max(i_step, int(inter * f) // i_step * i_step))  # noqa: E731
+    if any(not hasattr(layer.mlp, "down_proj") for layer in layers):
+        h_step = math.lcm(h_step, 8)  # the experts' grouped matmul: 16-byte aligned rows
+    width = lambda f: max(h_step, int(hidden * f) // h_step * h_step)  # noqa: E731
     # Largest kept fraction f (same for hidden and MLP channels) whose model fits the target.
     lo, hi = 0.0, 1.0
     for _ in range(40):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if width_params(model, *sizes(mid)) <= target else (lo, mid)
-    new_hidden, new_inter = sizes(lo)
-    if width_params(model, new_hidden, new_inter) > target:
-        raise ConfigError(f"target of {target:,} parameters is below what width pruning can reach "
-                          f"({width_params(model, new_hidden, new_inter):,})",
+        lo, hi = (mid, hi) if width_params(model, width(mid), mid) <= target else (lo, mid)
+    new_hidden, reached = width(lo), width_params(model, width(lo), lo)
+    if reached > target:
+        raise ConfigError(f"target of {target:,} parameters is below what width pruning can reach ({reached:,})",
                           "raise --target-params or also prune heads and layers")
     scores = activation_importance(model, ctx.tokens, heads=False, hidden=True, show_progress=ctx.show_progress)
-    for layer, s in zip(decoder_layers(model), scores["mlp"]):
-        prune_mlp_(layer.mlp, s.argsort(descending=True)[:new_inter])
-    model.config.head_dim = head_dim(decoder_layers(model)[0].self_attn)
+    for i, layer in enumerate(layers):
+        if hasattr(layer.mlp, "down_proj"):
+            s = scores["mlp"][i]
+            prune_mlp_(layer.mlp, s.argsort(descending=True)[:kept_channels(len(s), lo)])
+            continue
+        per_expert = scores["experts"][i]  # (E, I): each expert keeps its own strongest
+        n = kept_channels(per_expert.shape[1], lo)
+        prune_experts_(fused_experts(layer), per_expert.argsort(dim=1, descending=True)[:, :n])
+        if scores["shared"][i] is not None:
+            s = scores["shared"][i]
+            prune_mlp_(_shared_expert(layer), s.argsort(descending=True)[:kept_channels(len(s), lo)])
+    model.config.head_dim = head_dim(layers[0].self_attn)
     keep = scores["hidden"].argsort(descending=True)[:new_hidden]
     ratios = kept_rms_ratio(model, ctx.tokens, keep, show_progress=ctx.show_progress)
     prune_hidden_(model, keep)
@@ -401,4 +464,5 @@ def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
         for norm, ratio in zip(hidden_norms(model), ratios):
             norm.weight.mul_(ratio)
     sync_config(model)
-    return {"params_before": before, "params_after": _params(model), "hidden": new_hidden, "intermediate": new_inter}
+    return {"params_before": before, "params_after": _params(model), "hidden": new_hidden,
+            "intermediate": _mlp_groups(layers[0])[0][1]}
