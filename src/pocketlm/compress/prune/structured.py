@@ -7,6 +7,7 @@ config, per-layer shapes are recorded in `pocketlm_record["layer_shapes"]` for `
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -306,46 +307,27 @@ def _choose(units: list[torch.Tensor], n_remove: int, scope: str) -> list[set]:
     return [set(u.argsort()[:c].tolist()) for u, c in zip(units, count)]
 
 
-@register_pass(MlpPruneConfig)
-def _prune_mlp(model, cfg: MlpPruneConfig, ctx: PassContext) -> dict:
-    """Dense MLPs lose `ratio` of their channels; in MoE layers every expert (and a shared expert) loses
-    `ratio` of its own, chosen per expert (scope layer only: experts of a layer stay one fused tensor)."""
-    layers = decoder_layers(model)
-    moe = is_moe(model)
-    if moe:
-        unknown = [i for i, layer in enumerate(layers)
-                   if not hasattr(layer.mlp, "down_proj") and fused_experts(layer) is None]
-        if unknown:
-            raise UnsupportedModelError(f"layer {unknown[0]}'s MoE block does not store its experts fused "
-                                        "(gate_up_proj, down_proj)", "prune heads or layers, or unstructured")
-        if cfg.scope == "global" or cfg.importance == "taylor":
-            raise ConfigError("MoE models take structured MLP pruning with scope layer and activation importance",
-                              "use --scope layer --importance activation")
-    before = _params(model)
-    scores = _scores(model, cfg, ctx, heads=False)
-    if cfg.scope == "layer":
-        keeps = [None if s is None else _top(s, cfg.ratio) for s in scores["mlp"]]
-    else:  # dense models only: one threshold on channel scores normalised by their layer's mean
-        normed = torch.cat([s / s.mean() for s in scores["mlp"]])
-        n_keep = round(len(normed) * (1 - cfg.ratio))
-        threshold = normed.sort(descending=True).values[n_keep - 1]
-        keeps = [(s / s.mean() >= threshold).nonzero().flatten() for s in scores["mlp"]]
-        keeps = [k if len(k) else s.argmax().view(1) for k, s in zip(keeps, scores["mlp"])]
-    for i, layer in enumerate(layers):
-        if hasattr(layer.mlp, "down_proj"):
-            prune_mlp_(layer.mlp, keeps[i])
-            continue
-        per_expert = scores["experts"][i]  # (E, I)
-        n = _aligned(_n_keep(per_expert.shape[1], cfg.ratio))
-        prune_experts_(fused_experts(layer), per_expert.argsort(dim=1, descending=True)[:, :n])
-        if scores["shared"][i] is not None:
-            prune_mlp_(_shared_expert(layer), _top(scores["shared"][i], cfg.ratio))
-    sync_config(model)
-    return {"params_before": before, "params_after": _params(model)}
+def _check_fused(layers, what: str) -> None:
+    """Refuse an MoE block whose experts are not stored fused (the only expert layout surgery knows)."""
+    unknown = [i for i, layer in enumerate(layers) if not hasattr(layer.mlp, "down_proj") and fused_experts(layer) is None]
+    if unknown:
+        raise UnsupportedModelError(f"{what} needs dense MLPs or fused experts (gate_up_proj, down_proj), and layer "
+                                    f"{unknown[0]}'s MoE block has neither", "prune heads or layers, or unstructured")
 
 
-def _n_keep(n: int, ratio: float) -> int:
-    return max(1, round(n * (1 - ratio)))
+def _prune_layer_mlps_(layer: nn.Module, i: int, scores: dict, n_keep: Callable[[int], int]) -> None:
+    """Keep the n_keep(channels) strongest channels of layer i's dense MLP, or of each of its experts
+    (every expert its own, widths aligned for the grouped matmul) and of its shared expert."""
+    if hasattr(layer.mlp, "down_proj"):
+        s = scores["mlp"][i]
+        prune_mlp_(layer.mlp, s.argsort(descending=True)[:n_keep(len(s))])
+        return
+    per_expert = scores["experts"][i]  # (E, I)
+    n = _aligned(n_keep(per_expert.shape[1]))
+    prune_experts_(fused_experts(layer), per_expert.argsort(dim=1, descending=True)[:, :n])
+    if scores["shared"][i] is not None:
+        s = scores["shared"][i]
+        prune_mlp_(_shared_expert(layer), s.argsort(descending=True)[:n_keep(len(s))])
 
 
 def _aligned(n: int) -> int:
@@ -353,9 +335,30 @@ def _aligned(n: int) -> int:
     return max(8, n // 8 * 8) if n >= 8 else n
 
 
-def _top(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices of the channels that stay when `ratio` of them go, strongest first."""
-    return scores.argsort(descending=True)[:_n_keep(len(scores), ratio)]
+@register_pass(MlpPruneConfig)
+def _prune_mlp(model, cfg: MlpPruneConfig, ctx: PassContext) -> dict:
+    """Dense MLPs lose `ratio` of their channels; in MoE layers every expert (and a shared expert) loses
+    `ratio` of its own, chosen per expert (scope layer only: experts of a layer stay one fused tensor)."""
+    layers = decoder_layers(model)
+    if is_moe(model):
+        _check_fused(layers, "structured MLP pruning")
+        if cfg.scope == "global" or cfg.importance == "taylor":
+            raise ConfigError("MoE models take structured MLP pruning with scope layer and activation importance",
+                              "use --scope layer --importance activation")
+    before = _params(model)
+    scores = _scores(model, cfg, ctx, heads=False)
+    if cfg.scope == "layer":
+        for i, layer in enumerate(layers):
+            _prune_layer_mlps_(layer, i, scores, lambda n: max(1, round(n * (1 - cfg.ratio))))
+    else:  # dense models only: one threshold on channel scores normalised by their layer's mean
+        normed = torch.cat([s / s.mean() for s in scores["mlp"]])
+        n_keep = round(len(normed) * (1 - cfg.ratio))
+        threshold = normed.sort(descending=True).values[n_keep - 1]
+        for layer, s in zip(layers, scores["mlp"]):
+            keep = (s / s.mean() >= threshold).nonzero().flatten()
+            prune_mlp_(layer.mlp, keep if len(keep) else s.argmax().view(1))
+    sync_config(model)
+    return {"params_before": before, "params_after": _params(model)}
 
 
 @register_pass(LayerDropConfig)
@@ -394,7 +397,7 @@ def _router_rows(layer: nn.Module) -> int:
 def kept_channels(channels: int, fraction: float) -> int:
     """MLP channels kept at `fraction`: multiples of 32 (quantization groups, SIMD) where the MLP is wide
     enough, else of 8 (transformers' grouped expert matmul needs 16-byte aligned rows)."""
-    step = 32 if channels >= 8 * 32 else 8 if channels >= 8 * 8 else 1
+    step = 32 if channels >= 8 * 32 else 8 if channels >= 8 else 1
     return max(step, int(channels * fraction) // step * step)
 
 
@@ -421,9 +424,7 @@ def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
     before = _params(model)
     target = cfg.target_params or int(before * cfg.target_ratio)
     layers = decoder_layers(model)
-    if any(not hasattr(layer.mlp, "down_proj") and fused_experts(layer) is None for layer in layers):
-        raise UnsupportedModelError("width pruning needs dense MLPs or fused experts (gate_up_proj, down_proj)",
-                                    "prune heads or layers, or unstructured")
+    _check_fused(layers, "width pruning")
     hidden = model.config.hidden_size
     if target >= before:
         raise ConfigError(f"target of {target:,} parameters is not below the model's {before:,}",
@@ -446,16 +447,7 @@ def _prune_width(model, cfg: WidthPruneConfig, ctx: PassContext) -> dict:
                           "raise --target-params or also prune heads and layers")
     scores = activation_importance(model, ctx.tokens, heads=False, hidden=True, show_progress=ctx.show_progress)
     for i, layer in enumerate(layers):
-        if hasattr(layer.mlp, "down_proj"):
-            s = scores["mlp"][i]
-            prune_mlp_(layer.mlp, s.argsort(descending=True)[:kept_channels(len(s), lo)])
-            continue
-        per_expert = scores["experts"][i]  # (E, I): each expert keeps its own strongest
-        n = kept_channels(per_expert.shape[1], lo)
-        prune_experts_(fused_experts(layer), per_expert.argsort(dim=1, descending=True)[:, :n])
-        if scores["shared"][i] is not None:
-            s = scores["shared"][i]
-            prune_mlp_(_shared_expert(layer), s.argsort(descending=True)[:kept_channels(len(s), lo)])
+        _prune_layer_mlps_(layer, i, scores, lambda n: kept_channels(n, lo))
     model.config.head_dim = head_dim(layers[0].self_attn)
     keep = scores["hidden"].argsort(descending=True)[:new_hidden]
     ratios = kept_rms_ratio(model, ctx.tokens, keep, show_progress=ctx.show_progress)
