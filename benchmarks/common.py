@@ -48,6 +48,18 @@ def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     return path
 
 
+def params(model) -> int:
+    """Parameter count of a model."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def recovery_kd(steps: int):
+    """The KD recovery every benchmark uses (logit KL at T 2 + LM loss, alpha 0.9, lr 1e-3) for `steps`
+    steps of 8 × 256 tokens of the reference train split."""
+    from pocketlm.compress import KDConfig
+    return KDConfig(steps=steps, batch_size=8, seq_len=256, lr=1e-3, alpha=0.9, text=str(SHARED / "corpus" / "train.txt"))
+
+
 def reference_args(ap: argparse.ArgumentParser, tokens: int = 65536, model: str = "small") -> argparse.ArgumentParser:
     """The options every benchmark on the reference model shares: model, text, tokens, threads."""
     ap.add_argument("--model", default=str(SHARED / "models" / model))

@@ -39,13 +39,9 @@ from pocketlm.eval.data import read_tasks
 from pocketlm.runtime import Generator
 from pocketlm.runtime.dual import DualSystem
 from pocketlm.runtime.reason import run_tasks
-from common import RESULTS, SHARED, parse_reference_args, write_result
+from common import RESULTS, SHARED, params, parse_reference_args, recovery_kd, write_result
 
 CPU_BUDGET_S = 20 * 60
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def part_small(args, console: Console) -> None:
@@ -55,7 +51,7 @@ def part_small(args, console: Console) -> None:
     teacher_ppl = pocketlm.evaluate(teacher, tok, quality, show_progress=False).quality["ppl"]
     calib = dict(tok=tok, calib_samples=64, calib_len=512, show_progress=False)
     train = str(SHARED / "corpus" / "train.txt")
-    kd = KDConfig(steps=args.steps, batch_size=8, seq_len=256, lr=1e-3, alpha=0.9, text=train)
+    kd = recovery_kd(args.steps)
 
     t0 = time.perf_counter()
     pruned = copy.deepcopy(teacher)

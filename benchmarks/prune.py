@@ -24,15 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 import pocketlm
-from pocketlm.compress import (HeadPruneConfig, KDConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig,
+from pocketlm.compress import (HeadPruneConfig, LayerDropConfig, MagnitudeConfig, MlpPruneConfig,
                                SparseGPTConfig, WandaConfig, WidthPruneConfig, compress_)
 from pocketlm.eval.efficiency import decode_tok_s, prefill_ms
 from pocketlm.runtime import Generator
-from common import SHARED, parse_reference_args, write_result
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+from common import params, parse_reference_args, recovery_kd, write_result
 
 
 def reloads_identically(model, tok, tmp: str, name: str) -> bool:
@@ -87,8 +83,7 @@ def main() -> None:
     speed_tokens = torch.randint(0, base.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
     rows, console = [], Console(width=160)
     # The distillation benchmark's KD recipe (alpha 0.9, T 2, lr 1e-3), shorter: every structured row gets it.
-    kd = KDConfig(steps=args.recover_steps, batch_size=8, seq_len=256, lr=1e-3, alpha=0.9,
-                  text=str(SHARED / "corpus" / "train.txt"))
+    kd = recovery_kd(args.recover_steps)
 
     def recover(model) -> dict:
         student = copy.deepcopy(model)

@@ -23,14 +23,10 @@ from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 import pocketlm
-from pocketlm.compress import KDConfig, MlpPruneConfig, WidthPruneConfig, compress_
+from pocketlm.compress import MlpPruneConfig, WidthPruneConfig, compress_
 from pocketlm.compress.prune.sparsify import fused_experts
 from pocketlm.compress.prune.structured import prune_experts_, sync_config
-from common import SHARED, parse_reference_args, write_result
-
-
-def params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+from common import params, parse_reference_args, recovery_kd, write_result
 
 
 def random_channels(model, ratio: float) -> None:
@@ -52,8 +48,7 @@ def main() -> None:
     quality = pocketlm.EvalProtocol(text=args.text, tokens=args.tokens, speed=False)
     base, tok = pocketlm.load(args.model)
     dense = pocketlm.evaluate(base, tok, quality, show_progress=False)
-    kd = KDConfig(steps=max(1, args.recover_steps), batch_size=8, seq_len=256, lr=1e-3, alpha=0.9,
-                  text=str(SHARED / "corpus" / "train.txt"))  # used only with --recover-steps > 0
+    kd = recovery_kd(max(1, args.recover_steps))  # used only with --recover-steps > 0
     console, rows = Console(width=140), []
     with tempfile.TemporaryDirectory() as tmp:
         calib = dict(tok=tok, calib_samples=128, calib_len=512, show_progress=False)
