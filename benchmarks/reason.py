@@ -6,12 +6,14 @@
   more operating points chosen on dev (slow − 1 point; 40% of slow's tokens): accuracy, mean
   generated tokens, share answered slow, wall time. The checks judge the default (a+b) and the one
   fit for 40% of slow's tokens (`router fit --token-budget`).
+- Router frontier: the same fit on a larger labelled pool (4,000 arith_train items + dev): accuracy lost vs
+  slow at 36–50% of slow's tokens, and the pool's 40%-budget thresholds run on the test set.
 - Thinking budget: accuracy and tokens vs budget (0, 16, 32, 64, 128, unlimited), with the closing
   phrase (default), with a bare `</think>`, and with the fast-mode fallback.
 - Self-repair: 200 prompts from test.txt with `tiny` (greedy, 128 tokens): share of outputs with a loop
   before and after repair, and whether every output that was never repaired is identical.
 
-    python benchmarks/reason.py [--threads 2] [--budget-items 500]
+    python benchmarks/reason.py [--threads 2] [--budget-items 500] [--pool-items 4000]
 """
 from __future__ import annotations
 
@@ -70,6 +72,28 @@ def routing(gen, items, dev_items, console) -> dict:
     return {"router_fit_s": fit_s, "dev": dev, "other_thresholds": thresholds, "runs": runs}
 
 
+FRONTIER = (0.36, 0.38, 0.40, 0.42, 0.45, 0.50)
+
+
+def frontier(gen, items, pool_items, console) -> dict:
+    """How much accuracy auto gives up at each share of slow's tokens, on a larger labelled pool (train
+    items + dev, out-of-fold probe scores), so the answer does not hang on 1,000 dev items; then the
+    pool's thresholds for 40% of slow's tokens, run on the test set."""
+    t0 = time.perf_counter()
+    router, pool = fit_router(DualSystem(gen, mode="fast"), pool_items)
+    slow_acc, slow_tokens = pool["slow"]["accuracy"], pool["slow"]["mean_tokens"]
+    points = []
+    for share in FRONTIER:
+        chosen = choose_thresholds(router.dev_runs, token_budget=share * slow_tokens)
+        points.append({"token_share": share, **{policy: {"accuracy_drop": slow_acc - t["dev_accuracy"],
+                                                         "tokens_share": t["dev_mean_tokens"] / slow_tokens, **t}
+                                                for policy, t in chosen.items()}})
+    at40 = router.with_thresholds(choose_thresholds(router.dev_runs, token_budget=0.4 * slow_tokens))
+    test = run_tasks(DualSystem(gen, mode="auto", router=at40, policy="both"), items, "auto")
+    console.print(f"router pool of {len(pool_items)} labelled items fit and replayed in {time.perf_counter() - t0:.0f} s")
+    return {"pool": pool, "points": points, "test_run": test}
+
+
 def budgets(gen, items, levels) -> list[dict]:
     out = []
     variants = {"phrase": {}, "bare </think>": {"budget_close": "\n</think>\n\n"},
@@ -123,6 +147,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budget-items", type=int, default=500, help="test items for the budget sweep")
     ap.add_argument("--budgets", default="0,16,32,64,128")
+    ap.add_argument("--pool-items", type=int, default=4000,
+                    help="arith_train items added to dev for the router frontier (0: skip it)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=160)
@@ -148,6 +174,27 @@ def main() -> None:
         checks[f"{label}: auto accuracy ≥ slow − 1 point"] = r["accuracy"] >= slow["accuracy"] - 0.01 - 1e-9
         checks[f"{label}: auto tokens ≤ 40% of slow"] = r["mean_tokens"] <= 0.4 * slow["mean_tokens"]
 
+    front = None
+    if args.pool_items:
+        pool_items = read_tasks(TASKS / "arith_train.jsonl", args.pool_items) + dev_items
+        front = frontier(gen, items, pool_items, console)
+        table = Table(title=f"router frontier on {len(pool_items)} labelled items (train + dev): accuracy lost "
+                            f"vs slow ({front['pool']['slow']['accuracy']:.1%}) at a share of slow's tokens")
+        for col in ("token budget", "(b) confidence: points lost", "tokens", "(a+b) both: points lost", "tokens"):
+            table.add_column(col, justify="right")
+        for p in front["points"]:
+            table.add_row(f"{p['token_share']:.0%}", f"{100 * p['confidence']['accuracy_drop']:.2f}",
+                          f"{p['confidence']['tokens_share']:.1%}", f"{100 * p['both']['accuracy_drop']:.2f}",
+                          f"{p['both']['tokens_share']:.1%}")
+        console.print(table)
+        r = front["test_run"]
+        console.print(f"pool thresholds for 40% of slow's tokens, on test: {r['accuracy']:.1%} "
+                      f"(slow {slow['accuracy']:.1%}) at {r['mean_tokens'] / slow['mean_tokens']:.0%} of slow's tokens")
+        checks["router fit on train+dev for 40% tokens: auto accuracy ≥ slow − 1 point"] = \
+            r["accuracy"] >= slow["accuracy"] - 0.01 - 1e-9
+        checks["router fit on train+dev for 40% tokens: auto tokens ≤ 40% of slow"] = \
+            r["mean_tokens"] <= 0.4 * slow["mean_tokens"]
+
     levels = [int(b) for b in args.budgets.split(",")] + [None]
     sweep = budgets(gen, items[:args.budget_items], levels)
     table = Table(title=f"thinking budget (slow mode, first {args.budget_items} test items)")
@@ -172,6 +219,8 @@ def main() -> None:
         "device": "cpu", "wall_s": wall, "router": {k: v for k, v in routed.items() if k != "runs"},
         "modes": {name: summary(r) for name, r in runs.items()},
         "rows_auto_both": runs["(a+b) both"]["rows"],
+        "frontier": None if front is None else {"pool": front["pool"], "points": front["points"],
+                                                "test_run": summary(front["test_run"])},
         "thinking_budget": sweep, "self_repair": rep, "checks": checks})
     console.print(f"wall time {wall / 60:.1f} min · wrote {path}")
 

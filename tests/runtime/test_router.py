@@ -68,6 +68,17 @@ def test_chosen_thresholds_are_the_cheapest_that_reach_the_target(target):
         choose_thresholds(runs)
 
 
+def test_large_calibration_sets_use_a_quantile_grid_close_to_the_exact_one(monkeypatch):
+    runs = _runs(n=400)
+    exact = choose_thresholds(runs, token_budget=25.0)["confidence"]
+    monkeypatch.setattr("pocketlm.runtime.router.CONF_GRID", 100)  # 400 distinct confidences: quantiles
+    coarse = choose_thresholds(runs, token_budget=25.0)["confidence"]
+    assert coarse["dev_mean_tokens"] <= 25.0
+    assert coarse["dev_accuracy"] == pytest.approx(exact["dev_accuracy"], abs=0.01)
+    monkeypatch.setattr("pocketlm.runtime.router.CONF_GRID", 3)    # too coarse to find it: the check bites
+    assert choose_thresholds(runs, token_budget=25.0)["confidence"]["dev_accuracy"] < exact["dev_accuracy"] - 0.01
+
+
 @pytest.fixture(scope="module")
 def fitted(reasoner, tmp_path_factory):
     dual = DualSystem(Generator(*reasoner), mode="fast")

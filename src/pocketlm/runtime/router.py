@@ -28,6 +28,7 @@ from ..progress import progress_bar
 
 POLICIES = ("probe", "confidence", "both")
 L2_GRID = (1e-2, 1e-1, 1.0, 10.0)
+CONF_GRID = 1000  # most confidence thresholds tried (see choose_thresholds)
 ROUTER_FILE, WEIGHTS_FILE = "router.json", "probe.safetensors"
 
 
@@ -181,7 +182,7 @@ class DevRuns:
         t = t_conf[:, None]                                                 # (K, 1)
         escalate = ~to_slow & (self.confidence < t)                         # (K, N)
         below = self.fast_probs[None] < t[..., None]                        # (K, N, L)
-        fast_cost = torch.where(below.any(2), below.float().argmax(2) + 1.0, self.fast_tokens)
+        fast_cost = torch.where(below.any(2), below.to(torch.uint8).argmax(2) + 1.0, self.fast_tokens)
         ok = torch.where(to_slow | escalate, self.slow_ok, self.fast_ok).double()  # float64: exact shares
         tokens = torch.where(to_slow, self.slow_tokens, fast_cost + torch.where(escalate, self.slow_tokens, 0.0))
         return ok.mean(1), tokens.double().mean(1)
@@ -201,11 +202,15 @@ def choose_thresholds(runs: DevRuns, *, target_accuracy: float | None = None,
     """Per policy, the thresholds with the fewest tokens at ≥ target_accuracy (or, with token_budget, the
     most accuracy within the budget). When no setting reaches the target, the most accurate one wins.
 
-    Confidence thresholds are tried at every item's value and just above it (exact); probe thresholds
-    at every item's value for the probe alone and at percentiles when combined with confidence."""
+    Confidence thresholds are tried at every item's value and just above it (exact up to CONF_GRID
+    distinct values; at that many quantiles beyond, so that large calibration sets stay fast); probe
+    thresholds at every item's value for the probe alone and at percentiles when combined with confidence."""
     if (target_accuracy is None) == (token_budget is None):
         raise ConfigError("give either a target accuracy or a token budget", "pass one of the two")
     conf = runs.confidence.unique()
+    if len(conf) > CONF_GRID:
+        conf = torch.quantile(runs.confidence.double(), torch.linspace(0, 1, CONF_GRID, dtype=torch.double))
+        conf = conf.float().unique()
     conf_grid = torch.cat([torch.tensor([-math.inf]), conf, torch.nextafter(conf, torch.tensor(math.inf))])
     edges = [-math.inf, math.inf]
     every_p = edges + runs.p_fast.unique().tolist()
