@@ -82,13 +82,11 @@ def frontier(gen, items, pool_items, console) -> dict:
     t0 = time.perf_counter()
     router, pool = fit_router(DualSystem(gen, mode="fast"), pool_items)
     slow_acc, slow_tokens = pool["slow"]["accuracy"], pool["slow"]["mean_tokens"]
-    points = []
-    for share in FRONTIER:
-        chosen = choose_thresholds(router.dev_runs, token_budget=share * slow_tokens)
-        points.append({"token_share": share, **{policy: {"accuracy_drop": slow_acc - t["dev_accuracy"],
-                                                         "tokens_share": t["dev_mean_tokens"] / slow_tokens, **t}
-                                                for policy, t in chosen.items()}})
-    at40 = router.with_thresholds(choose_thresholds(router.dev_runs, token_budget=0.4 * slow_tokens))
+    chosen = {share: choose_thresholds(router.dev_runs, token_budget=share * slow_tokens) for share in FRONTIER}
+    points = [{"token_share": share, **{policy: {"accuracy_drop": slow_acc - t["dev_accuracy"],
+                                                 "tokens_share": t["dev_mean_tokens"] / slow_tokens, **t}
+                                        for policy, t in chosen[share].items()}} for share in FRONTIER]
+    at40 = router.with_thresholds(chosen[0.40])
     test = run_tasks(DualSystem(gen, mode="auto", router=at40, policy="both"), items, "auto")
     console.print(f"router pool of {len(pool_items)} labelled items fit and replayed in {time.perf_counter() - t0:.0f} s")
     return {"pool": pool, "points": points, "test_run": test}
