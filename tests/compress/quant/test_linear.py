@@ -24,6 +24,16 @@ def test_kernel_equals_dequantized_matmul(lin, scheme):
     assert (q.dequantize() - lin.weight).abs().max() < 0.6 * q.scales.float().max()
 
 
+@pytest.mark.parametrize("in_features", [72, 100])
+def test_int8_kernel_takes_widths_that_are_not_multiples_of_16(in_features):
+    # pruned widths: torch's int8 kernel crashes the process on AVX-512 CPUs unless K is padded
+    torch.manual_seed(0)
+    lin = nn.Linear(in_features, 40)
+    q = QuantLinear.from_linear(lin, Scheme(8))
+    x = torch.randn(64, in_features)
+    assert torch.allclose(q(x), x @ q.dequantize().t() + lin.bias, atol=2e-2, rtol=1e-2)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_state_dict_is_the_portable_layout_and_reloads_bit_exactly(lin, scheme):
     q = QuantLinear.from_linear(lin, scheme)
