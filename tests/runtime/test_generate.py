@@ -9,7 +9,7 @@ from pocketlm.compress.prune.configs import MlpPruneConfig
 from pocketlm.compress.prune.structured import layer_shapes, prune_heads_
 from pocketlm.errors import ConfigError, DataError
 from pocketlm.eval.data import DEFAULT_TEXT
-from pocketlm.runtime import Generator, SamplingConfig
+from pocketlm.runtime import Generator, SamplingConfig, cpu_linear
 
 TEXT = DEFAULT_TEXT.read_text()
 
@@ -102,6 +102,40 @@ def test_compiled_decode_matches_eager(tiny):
     padded_c = [t.tolist() for t, _ in compiled.generate_step(batch, 6, stop_tokens=set())]
     padded_e = [t.tolist() for t, _ in eager.generate_step(batch, 6, stop_tokens=set())]
     assert padded_c == padded_e
+
+
+def _storage_bytes(model) -> int:
+    return sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}.values())
+
+
+def test_fp32_linears_run_on_the_cpu_kernels_without_a_weight_copy(tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    before = _storage_bytes(model)
+    gen = Generator(model, tok, compile=True)
+    attn = model.model.layers[0].self_attn
+    qkv = gen.decoder.layers[0].qkv
+    assert qkv.out_major and attn.k_proj.weight.data_ptr() == qkv.packed[attn.q_proj.out_features:].data_ptr()
+    assert _storage_bytes(model) == before  # the HF modules hold views of the packed buffers
+    ids = prompts(tok, 2)
+    with torch.profiler.profile() as prof:
+        steps = [t.tolist() for t, _ in gen.generate_step(ids, 4, stop_tokens=set())]
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("pocketlm_cpu::linear", 0) > 0  # compiled steps call the C++ kernel...
+    assert steps == [t.tolist() for t, _ in Generator(model, tok).generate_step(ids, 4, stop_tokens=set())]
+    half = copy.deepcopy(tiny[0]).to(torch.bfloat16)  # ...and other dtypes keep MKL's input-major layout
+    assert not Generator(half, tok).decoder.layers[0].qkv.out_major
+
+
+def test_compiled_step_says_when_the_cpu_kernel_cannot_be_built(tiny, monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*a, **k):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+    monkeypatch.setattr(cpu_linear, "_built", False)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    gen = Generator(copy.deepcopy(tiny[0]), tiny[1], compile=True)
+    with pytest.raises(ConfigError, match="CPU linear kernel.*Ninja is required"):
+        list(gen.generate_step(prompts(tiny[1], 1), 3))
 
 
 def test_logprobs_are_the_model_log_softmax(tiny):

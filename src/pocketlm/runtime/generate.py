@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import ConfigError, DataError
+from . import cpu_linear
 from .cache import StaticCache
 from .model import FastDecoder
 from .sampling import SamplingConfig, sample
@@ -138,6 +139,8 @@ class Generator:
         changes shape, so dynamo's per-call guard checks (slower than the step's arithmetic on small
         models) are dropped."""
         mask = cache.valid[:, None, None, :]
+        if self.decoder.cpu_kernels:
+            cpu_linear.build_kernel()
 
         def decode_one_token(tokens, pos, slots):
             logits = self.decoder(tokens, pos, slots, cache, mask, cache.max_len)

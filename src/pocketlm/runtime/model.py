@@ -1,7 +1,7 @@
 """FastDecoder: the decode path of an HF Llama-family model, written for a static KV cache.
 
 It drives the HF model's own modules and weights (no copy): linear layers are called directly
-(plain `nn.Linear` through `F.linear`, anything else — quantized, pruned — through its module), RMSNorms
+(plain `nn.Linear` packed, fp32 on cpu_linear's kernels, anything else — quantized — through its module), RMSNorms
 are recomputed with the same arithmetic, and MLP blocks that are not the plain gated MLP (MoE blocks)
 are called as modules. What it drops is the per-token framework work of `generate`: cache objects,
 mask building, output dataclasses and hooks.
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from . import cpu_linear
 from .cache import StaticCache
 
 
@@ -29,40 +30,69 @@ def _plain(mods) -> bool:
     return len({(m.in_features, m.weight.dtype) for m in mods}) == 1 and len({m.bias is None for m in mods}) == 1
 
 
-def _pack(mods: list[nn.Linear]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One matmul for several plain linears on the same input, weights stored input-major.
+def _pack(mods: list[nn.Linear]) -> "PackedLinear":
+    """One matmul for several plain linears on the same input.
 
-    The weights move into one (in, sum(out)) buffer and each module's weight becomes a view of it
-    (its transpose), so the HF model still computes the same thing and no memory is duplicated;
-    `x @ Wt` is the faster layout for single-token matmuls on CPU."""
+    The weights move into one buffer and each module's weight becomes a view of it, so the HF model
+    still computes the same thing and no memory is duplicated. fp32 on CPU keeps the (out, in) layout
+    for cpu_linear's kernels; otherwise the buffer is input-major, (in, sum(out)): `x @ Wt` is MKL's
+    faster layout for single-token matmuls."""
     prior = getattr(mods[0], "_pocketlm_packed", None)
     if prior is not None and _still_views(mods, *prior):  # packed by an earlier Generator: share it
-        packed, bias = prior
+        return PackedLinear(*prior)
+    w = mods[0].weight
+    out_major = cpu_linear.available(w)
+    if len(mods) == 1 and out_major and w.is_contiguous():
+        packed = w.detach()  # already in place (and a tied head stays the embedding itself)
     else:
-        packed = torch.cat([m.weight.detach() for m in mods]).t().contiguous()  # (in, sum(out))
-        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
-        start = 0
-        for m in mods:
-            n = m.out_features
-            m.weight.data = packed[:, start:start + n].t()
-            if bias is not None:
-                m.bias.data = bias[start:start + n]
-            start += n
-        mods[0]._pocketlm_packed = (packed, bias)
-    return (lambda x: torch.addmm(bias, x.flatten(0, -2), packed).view(*x.shape[:-1], -1)) if bias is not None \
-        else (lambda x: x @ packed)
+        packed = torch.cat([m.weight.detach() for m in mods])
+        packed = packed.contiguous() if out_major else packed.t().contiguous()
+    bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+    for m, view, b in zip(mods, *_views(mods, packed, out_major, bias)):
+        m.weight.data = view
+        if b is not None:
+            m.bias.data = b
+    mods[0]._pocketlm_packed = (packed, bias, out_major)
+    return PackedLinear(packed, bias, out_major)
 
 
-def _still_views(mods, packed: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Every module's weight is still its slice of `packed` (not replaced since, e.g. by pruning)."""
-    start = 0
+def _views(mods, packed: torch.Tensor, out_major: bool, bias: torch.Tensor | None):
+    """Each module's weight (out, in) and bias as slices of the packed buffers."""
+    weights, biases, start = [], [], 0
     for m in mods:
-        w = m.weight
-        if (w.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr() or w.storage_offset() != start
-                or w.shape != (m.out_features, packed.shape[0]) or (bias is None) != (m.bias is None)):
-            return False
-        start += m.out_features
-    return start == packed.shape[1]
+        n = m.out_features
+        weights.append(packed[start:start + n] if out_major else packed[:, start:start + n].t())
+        biases.append(bias[start:start + n] if bias is not None else None)
+        start += n
+    return weights, biases
+
+
+def _still_views(mods, packed: torch.Tensor, bias: torch.Tensor | None, out_major: bool) -> bool:
+    """Every module's weight (and bias) is still its slice of the buffers (not replaced since, e.g. by pruning)."""
+    if sum(m.out_features for m in mods) != packed.shape[0 if out_major else 1]:
+        return False
+    weights, biases = _views(mods, packed, out_major, bias)
+    return all(_same_view(m.weight, w) and _same_view(m.bias, b) for m, w, b in zip(mods, weights, biases))
+
+
+def _same_view(t: torch.Tensor | None, v: torch.Tensor | None) -> bool:
+    if t is None or v is None:
+        return t is None and v is None
+    return t.data_ptr() == v.data_ptr() and t.shape == v.shape and t.stride() == v.stride()
+
+
+class PackedLinear:
+    """The packed linears' outputs side by side: cpu_linear on (out, in) weights, or MKL on input-major ones."""
+
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None, out_major: bool):
+        self.packed, self.bias, self.out_major = packed, bias, out_major
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.out_major:
+            return cpu_linear.linear(x, self.packed, self.bias)
+        if self.bias is not None:
+            return torch.addmm(self.bias, x.flatten(0, -2), self.packed).view(*x.shape[:-1], -1)
+        return x @ self.packed
 
 
 def _linear(mod: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -191,12 +221,13 @@ class FastDecoder:
         self.embed = inner.embed_tokens
         self.layers = [_Layer(layer) for layer in layers]
         self.norm = _rms_norm(inner.norm)
-        # A tied head is the embedding's own Parameter: packing it input-major leaves the embedding a
-        # strided view, still fine for row lookups, and the tie intact.
+        # A tied head is the embedding's own Parameter: packing it leaves the tie intact (input-major
+        # packing makes the embedding a strided view, still fine for row lookups).
         self.head = _linear(model.lm_head)
         self.max_positions = max_positions
         p = next(model.parameters())
         self.dtype, self.device = p.dtype, p.device
+        self.cpu_kernels = cpu_linear.available(p)  # plain linears on cpu_linear (compiled: its C++ kernel)
         # Rotary tables from the model's own rotary module (covers llama3/yarn/... scaling), in its dtype.
         pos = torch.arange(max_positions, device=self.device)[None]
         with torch.no_grad():
