@@ -31,7 +31,7 @@ from rich.table import Table
 import pocketlm
 from pocketlm.compress import RTNConfig, compress_
 from pocketlm.eval.efficiency import decode_tok_s
-from pocketlm.runtime import Generator
+from pocketlm.runtime import Generator, cpu_linear
 from common import SHARED, parse_reference_args, write_result
 
 PROMPT, NEW = 32, 128
@@ -65,17 +65,18 @@ def bytes_per_token(model) -> int:
 
 
 def matmul_floor_ms(cfg) -> float:
-    """Best time (ms) of one batch-1 decode step's matrix products alone, in the engine's packed fp32
-    layout (qkv, o, gate|up, down per layer, then the head): what no framework overhead can beat."""
+    """Best time (ms) of one batch-1 decode step's matrix products alone, on the engine's fp32 CPU kernel
+    and packed shapes (qkv, o, gate|up, down per layer, then the head): what no framework overhead can beat."""
+    cpu_linear.build_kernel()
     h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
     shapes = [(h, (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * hd), (cfg.num_attention_heads * hd, h),
               (h, 2 * inter), (inter, h)] * cfg.num_hidden_layers + [(h, cfg.vocab_size)]
-    mats = [torch.randn(k, n) for k, n in shapes]
+    mats = [torch.randn(n, k) for k, n in shapes]  # (out, in), as the engine keeps them
     xs = {k: torch.randn(1, k) for k, _ in shapes}
 
     def step():
         for w in mats:
-            xs[w.shape[0]] @ w
+            torch.ops.pocketlm_cpu.linear(xs[w.shape[1]], w, None)
     step()
     return min(_timed(lambda: [step() for _ in range(20)]) for _ in range(5)) / 20 * 1000
 
