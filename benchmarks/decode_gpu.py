@@ -115,7 +115,8 @@ def main() -> None:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["model"], r["engine"], f"{r['tok_s_b1']:.1f}", f"{r['tok_s_b1'] / hf_b1:.2f}×",
-                      f"{r['tok_s_b8']:.1f}", f"{r['bytes_per_token'] / 1e6:.0f}", f"{r['fraction_of_bandwidth_bound_b1']:.0%}")
+                      f"{r['tok_s_b8']:.1f}", f"{r['bytes_per_token'] / 1e6:.0f}",
+                      f"{r['fraction_of_bandwidth_bound_b1']:.0%}")
     console.print(table)
     path = write_result(f"decode_gpu_{args.shape}", {
         "shape": SHAPES[args.shape], "device": str(device), "prompt_tokens": PROMPT, "new_tokens": NEW,
