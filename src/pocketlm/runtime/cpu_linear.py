@@ -3,7 +3,7 @@
 torch's fp32 matmul goes to MKL's sgemm, slow at the few rows of a decode step. On `small` (2 threads,
 AMD EPYC, AVX-512) one step's 33 matrix products took, at 1 / 8 rows: MKL 3.0 / 6.0 ms, oneDNN's
 linear on the same plain weights 1.7 / 3.1 ms, and `cpu_linear.cpp` (weight rows streamed once,
-shared by all input rows) 1.2 / 2.2 ms. The model's weights stay as they are: no reordered copy.
+shared by all input rows, prefetched) 1.1–1.2 / 1.5 ms. The model's weights stay as they are: no copy.
 
 Eager code calls oneDNN's `mkldnn._linear_pointwise` directly, so it needs no compiler. Compiled
 steps call `pocketlm_cpu::linear` (the .cpp beside this file, built on first use with the flags of this

@@ -49,7 +49,8 @@ def kernel_matmul(x2: torch.Tensor, bits: int, qweight: torch.Tensor, scales: to
     kernel-layout codes and the (K/group, N, 2) scales_zeros."""
     if bits == 8:
         pad = -x2.shape[1] % 16
-        if pad:  # torch 2.13's int8 kernel segfaults (AVX-512, 2+ rows) when K is not a multiple of 16
+        if pad:  # torch 2.13's int8 kernel segfaults (AVX-512, 2+ rows) when K is not a multiple of 16;
+            # only odd (pruned) widths pay this per-call copy of the codes
             x2, qweight = F.pad(x2, (0, pad)), F.pad(qweight, (0, pad))
         return torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), qweight, scales[:, 0])
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), qweight, group_size, scales)
