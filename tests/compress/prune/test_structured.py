@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 import pocketlm
 from pocketlm.compress import HeadPruneConfig, LayerDropConfig, MlpPruneConfig, WidthPruneConfig, compress_
 from pocketlm.compress.prune.structured import drop_layers_, prune_experts_, prune_heads_, prune_mlp_
-from pocketlm.errors import ConfigError, UnsupportedModelError
+from pocketlm.errors import ConfigError
 
 CALIB = dict(calib_samples=8, calib_len=128, show_progress=False)
 X = torch.randint(0, 8192, (2, 24))
