@@ -101,7 +101,7 @@ def main() -> None:
     calib = dict(calib_samples=args.calib_samples, calib_len=512, show_progress=False)
     quality = pocketlm.EvalProtocol(text=args.text, tokens=args.tokens, speed=False)
     base, tok = pocketlm.load(args.model)
-    spread_tokens = PassContext(tok=tok, calib_samples=32).tokens  # the first 32 of the calibration set
+    spread_tokens = PassContext(tok=tok, calib_samples=32).tokens  # 32 calibration sequences
     channels = strongest_channels(base, spread_tokens, args.channels)
     probe = torch.randint(0, base.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     console, rows = Console(width=160), []
