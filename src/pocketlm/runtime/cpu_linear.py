@@ -5,7 +5,9 @@ AMD EPYC, AVX-512) one step's 33 matrix products took, at 1 / 8 rows: MKL 3.0 / 
 linear on the same plain weights 1.7 / 3.1 ms, and `cpu_linear.cpp` (weight rows streamed once,
 shared by all input rows, prefetched) 1.1–1.2 / 1.5 ms. The model's weights stay as they are: no copy.
 
-Eager code calls oneDNN's `mkldnn._linear_pointwise` directly, so it needs no compiler. Compiled
+Eager code calls oneDNN's `mkldnn._linear_pointwise` directly, so it needs no compiler; below
+`ONEDNN_MIN_WEIGHTS` it calls F.linear instead, since oneDNN's call costs ~20 µs more there (a 256×256
+weight: 28 vs 9 µs at 1 row, 52 vs 25 µs at 8; even from 256K weights). Compiled
 steps call `pocketlm_cpu::linear` (the .cpp beside this file, built on first use with the flags of this
 CPU, about 7 s, then loaded from disk): inductor lowers the mkldnn op only for weights it froze into
 constants, and a Python custom op would cost ~40 µs per call from inductor's C++ wrapper.
@@ -22,6 +24,7 @@ from ..errors import ConfigError
 
 _SOURCE = Path(__file__).with_suffix(".cpp")
 _built = False
+ONEDNN_MIN_WEIGHTS = 1 << 18  # eager: smaller weights go to F.linear (MKL)
 
 
 def available(weight: torch.Tensor) -> bool:
@@ -33,6 +36,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     """F.linear(x, weight, bias); weight (out, in) contiguous."""
     if torch.compiler.is_compiling():
         return torch.ops.pocketlm_cpu.linear(x, weight, bias)
+    if weight.numel() < ONEDNN_MIN_WEIGHTS:
+        return torch.nn.functional.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
