@@ -7,7 +7,7 @@ shared by all input rows, prefetched) 1.1–1.2 / 1.5 ms. The model's weights st
 
 Eager code calls oneDNN's `mkldnn._linear_pointwise` directly, so it needs no compiler; below
 `ONEDNN_MIN_WEIGHTS` it calls F.linear instead, since oneDNN's call costs ~20 µs more there (a 256×256
-weight: 28 vs 9 µs at 1 row, 52 vs 25 µs at 8; even from 256K weights). Compiled
+weight: 28 vs 9 µs at 1 row, 52 vs 25 µs at 8; they break even near 256K weights). Compiled
 steps call `pocketlm_cpu::linear` (the .cpp beside this file, built on first use with the flags of this
 CPU, about 7 s, then loaded from disk): inductor lowers the mkldnn op only for weights it froze into
 constants, and a Python custom op would cost ~40 µs per call from inductor's C++ wrapper.
