@@ -30,7 +30,7 @@ import pocketlm
 from pocketlm.compress import MagnitudeConfig, SparseGPTConfig, WandaConfig, compress_
 from pocketlm.compress.api import PassContext
 from pocketlm.compress.calibration import decoder_layers, walk_layers, run_layer
-from pocketlm.compress.prune.sparsify import _attach_stats, layer_matrices
+from pocketlm.compress.prune.sparsify import _calibrated_layers
 from pocketlm.compress.prune.unstructured import wanda_mask
 from common import parse_reference_args, write_result
 
@@ -71,16 +71,11 @@ def strongest_channels(model, tokens: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def input_spread(model, tokens: torch.Tensor) -> dict:
+def input_spread(model, ctx: PassContext) -> dict:
     """Per matrix kind (q_proj, …): max/median input column norm and Wanda/row-magnitude mask agreement,
     as [min, median, max] over the layers."""
     spread, agree = {}, {}
-    for _i, layer, inputs, kwargs in walk_layers(model, tokens):
-        mats = layer_matrices(layer)
-        hooks = _attach_stats(layer, mats, hessian=False)
-        run_layer(layer, inputs, kwargs)
-        for h in hooks:
-            h.remove()
+    for mats in _calibrated_layers(model, ctx, "input spread", hessian=False):
         for m in mats:
             kind, norm = m.name.split(".")[-1], m.stats.col_norm
             spread.setdefault(kind, []).append((norm.max() / norm.median()).item())
@@ -101,8 +96,8 @@ def main() -> None:
     calib = dict(calib_samples=args.calib_samples, calib_len=512, show_progress=False)
     quality = pocketlm.EvalProtocol(text=args.text, tokens=args.tokens, speed=False)
     base, tok = pocketlm.load(args.model)
-    spread_tokens = PassContext(tok=tok, calib_samples=32).tokens  # 32 calibration sequences
-    channels = strongest_channels(base, spread_tokens, args.channels)
+    spread_ctx = PassContext(tok=tok, calib_samples=32, show_progress=False)  # 32 calibration sequences
+    channels = strongest_channels(base, spread_ctx.tokens, args.channels)
     probe = torch.randint(0, base.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     console, rows = Console(width=160), []
     for scale in [float(s) for s in args.scales.split(",")]:
@@ -112,7 +107,7 @@ def main() -> None:
             logit_diff = (model(probe).logits - base(probe).logits).abs().max().item()
         dense_ppl = pocketlm.evaluate(model, tok, quality, show_progress=False).quality["ppl"]
         row = {"scale": scale, "max_logit_diff_vs_reference": logit_diff, "dense_ppl": dense_ppl,
-               "spread": input_spread(model, spread_tokens)}
+               "spread": input_spread(model, spread_ctx)}
         for cls in (MagnitudeConfig, WandaConfig, SparseGPTConfig):
             pruned = copy.deepcopy(model)
             compress_(pruned, cls(sparsity=0.5), tok=tok, **calib)
