@@ -154,7 +154,7 @@ def main() -> None:
     tokens = token_features(d["logprobs"], d["fast_tokens"])
     p_tokens = logistic_scores(tokens, ok, fit)
     thinking = ridge_predict(d["prompt"], d["slow_tokens"].log(), fit).exp()
-    signals = {  # name → (risk that fast is wrong: higher escalates first, fast answer first?)
+    signals = {  # name → (risk score: higher escalates first; whether the fast answer is paid first)
         "(a) prompt probe": (1 - logistic_scores(d["prompt"], ok, fit), False),
         "(b) lowest token probability": (-tokens[:, 0].exp(), True),
         "answer tokens' log-probabilities (5 features)": (1 - p_tokens, True),
