@@ -114,9 +114,21 @@ def test_missing_path():
         resolve("does/not/exist/here")
 
 
-def test_hub_id_offline_says_so():
-    with pytest.raises(ModelNotFoundError, match="offline"):
+def test_hub_id_is_never_downloaded_unless_asked(monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    def fake_download(repo_id, local_files_only=False, **kw):
+        calls.append(local_files_only)
+        raise OSError("not cached")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.delenv("POCKETLM_ALLOW_DOWNLOAD", raising=False)
+    with pytest.raises(ModelNotFoundError, match="does not download unless asked.*--allow-download"):
         resolve("someorg/some-model")
+    assert calls == [True]  # the local cache was asked, the hub never
+    with pytest.raises(ModelNotFoundError, match="could not be downloaded"):
+        resolve("someorg/some-model", allow_download=True)
+    assert calls == [True, True, False]
 
 
 def test_truncated_safetensors(tmp_path):

@@ -32,7 +32,7 @@ def eval_cmd(
     model: str = typer.Argument(..., help="Model directory, embedded name (tiny, reasoner, moe) or cached hub id."),
     baseline: Optional[str] = typer.Option(None, help="Reference model for KL and top-1 agreement."),
     baseline_dtype: str = typer.Option("float32", help="dtype of the baseline (float32: the exact reference)."),
-    text: Optional[Path] = typer.Option(None, help="Evaluation text (default: embedded held-out test split)."),
+    text: Optional[Path] = typer.Option(None, help="Evaluation text file, or pydoc (English prose of the Python stdlib's pydoc_data/topics.py; default: embedded held-out test split)."),
     tokens: int = typer.Option(65536, help="Tokens of the text to score."),
     ctx: int = typer.Option(512, help="Window length in tokens."),
     tasks: Optional[Path] = typer.Option(None, help="JSONL of question/answer items (chat models)."),
@@ -353,7 +353,7 @@ def compress_cmd(
     samples = _calib_samples(calib_samples, calib_tokens, calib_len)
     _check_export(export, gguf_type)
     m, tok = load(model)
-    check_output(output, overwrite, protect=(m.pocketlm_source.path,))  # fail before the long work
+    check_output(output, overwrite, protect=m.pocketlm_source.inputs)  # fail before the long work
     if export:
         from .gguf_export import auto_qtype, check_exportable, export_gguf
         check_exportable(m)  # the architecture; the layers once compressed
@@ -420,11 +420,16 @@ from . import cli_distill, cli_moe, cli_reason  # noqa: E402,F401  (register the
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: PocketErrors become one line on stderr and exit code 2 (`--debug` shows the traceback)."""
+    """Entry point: PocketErrors become one line on stderr and exit code 2 (`--debug` shows the traceback;
+    `--allow-download` lets a hub id that is not in the local cache be downloaded)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    if "--allow-download" in argv:  # any command may name a hub id: downloading it is asked for once, here
+        argv.remove("--allow-download")
+        import os
+        os.environ["POCKETLM_ALLOW_DOWNLOAD"] = "1"
     try:
         # Standalone mode: typer reports usage errors itself (exit 2) and exits 0 on success.
         typer.main.get_command(app).main(args=argv, prog_name="pocketlm", standalone_mode=True)

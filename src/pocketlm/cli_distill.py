@@ -29,7 +29,7 @@ def merge_cmd(
         w = [float(x) for x in weights.split(",")] if weights else None
     except ValueError:
         raise ConfigError(f"--weights '{weights}' is not a comma-separated list of numbers", "use e.g. 0.7,0.3") from None
-    protect = tuple(resolve(m).path for m in [*models, *([base] if base else [])])
+    protect = tuple(p for m in [*models, *([base] if base else [])] for p in resolve(m).inputs)
     check_output(output, overwrite, protect)  # before loading anything
     model, tok, entry = merge_models(models, method, weights=w, t=t, base=base, density=density)
     save(model, tok, output, recipe=[entry], overwrite=overwrite)
@@ -66,7 +66,7 @@ def distill_cmd(
                    hidden_weight=hidden_weight)
     if resume and workdir is None:
         raise ConfigError("--resume needs the --workdir that holds the checkpoint", "pass --workdir DIR")
-    protect = (resolve(teacher).path, resolve(student).path)
+    protect = (*resolve(teacher).inputs, *resolve(student).inputs)
     check_output(output, overwrite, protect)  # before the long work
     _threads(threads)
     path, corpus = read_text(text or DEFAULT_CALIB)
@@ -121,7 +121,7 @@ def search_cmd(
                         quant=tuple(q.strip() for q in quant.split(",") if q.strip()),
                         kd=KDConfig(steps=kd_steps, lr=1e-3) if kd_steps else None)
     protocol = EvalProtocol(tokens=tokens, decode_batch_sizes=(1,), repeats=3, threads=threads)
-    check_output(output, overwrite, protect=(resolve(model).path,))  # before the long work
+    check_output(output, overwrite, protect=resolve(model).inputs)  # before the long work
     _threads(threads)
     m, tok = load(model)
     result = run_search(m, tok, output, budget, space, protocol=protocol, calib=calib, overwrite=overwrite)

@@ -108,7 +108,7 @@ def moefy_cmd(
         raise ConfigError(f"--calib-samples {calib_samples} is below 1", "use 1 or more")
     _threads(threads)
     m, tok = load(model)
-    check_output(output, overwrite, protect=(m.pocketlm_source.path,))  # fail before the long work
+    check_output(output, overwrite, protect=m.pocketlm_source.inputs)  # fail before the long work
     tokens, calib_hash = calibration_tokens(tok, calib, samples=calib_samples, seq_len=512)
     moefy(m, tokens, experts, top_k)
     save(m, tok, output, recipe=[{"kind": "moefy", "experts": experts, "top_k": top_k}],

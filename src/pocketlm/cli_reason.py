@@ -153,7 +153,7 @@ def router_fit_cmd(
         raise ConfigError(f"--max-drop {max_drop} is negative", "use 0 or more accuracy points")
     if token_budget is not None and token_budget <= 0:
         raise ConfigError(f"--token-budget {token_budget} is not positive", "use a positive mean token count")
-    protect = (resolve(model).path,)
+    protect = resolve(model).inputs
     check_output(output, overwrite, protect)  # before the long work
     items = read_tasks(tasks, limit)
     dual = _dual(model, mode="fast", router=None, policy="both", think_budget=None, repair=False,

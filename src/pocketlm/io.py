@@ -29,41 +29,67 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model came from: the name the user gave and the directory it resolved to."""
+    """Where a model came from: the name the user gave and the directory it resolved to; for a GGUF
+    file, `gguf` describes the file (path, hash, architecture, quantization) and `path` is its
+    converted copy in the cache."""
 
     name: str
     path: Path
+    gguf: dict | None = None
+
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """The user's files that no output may overwrite."""
+        return (self.path, Path(self.gguf["file"])) if self.gguf else (self.path,)
 
 
-def resolve(name_or_path: str | os.PathLike) -> ModelSource:
-    """Find the model directory for an embedded name, a local directory or a cached hub id."""
+def resolve(name_or_path: str | os.PathLike, allow_download: bool | None = None) -> ModelSource:
+    """Find the model directory for an embedded name, a packaged real model (`smollm2`), a local
+    directory, a GGUF file (or a directory holding one), or a hub id in the local Hugging Face cache.
+
+    allow_download: fetch a hub id that is not cached (default: no, unless $POCKETLM_ALLOW_DOWNLOAD=1).
+    """
+    from .gguf_import import PACKAGED_MODELS, converted, find_gguf, packaged_model
     name = str(name_or_path)
     path = Path(name).expanduser()
+    if name in PACKAGED_MODELS and not path.exists():
+        path = packaged_model(name)
+    gguf_file = path if path.is_file() and path.suffix == ".gguf" else (find_gguf(path) if path.is_dir() else None)
+    if gguf_file is not None:
+        cache, info = converted(gguf_file)
+        return ModelSource(name, cache, info)
     if path.is_dir():
         return ModelSource(name, path.resolve())
     if name in EMBEDDED_MODELS:
         return ModelSource(name, ASSETS / "models" / name)
     if path.exists():
-        raise ModelNotFoundError(f"'{name}' is a file, not a model directory",
-                                 "pass the directory that holds config.json and the weights")
+        raise ModelNotFoundError(f"'{name}' is a file, not a model directory or a .gguf file",
+                                 "pass the directory that holds config.json and the weights, or a GGUF file")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return ModelSource(name, _from_hub(name))
+        if allow_download is None:
+            allow_download = os.environ.get("POCKETLM_ALLOW_DOWNLOAD", "0") in ("1", "true", "True")
+        return ModelSource(name, _from_hub(name, allow_download))
     raise ModelNotFoundError(
         f"no model directory at '{name}'",
-        f"pass a directory with config.json and weights, or one of the embedded models: {', '.join(EMBEDDED_MODELS)}")
+        f"pass a directory with config.json and weights, a .gguf file, or one of the models: "
+        f"{', '.join([*EMBEDDED_MODELS, *PACKAGED_MODELS])}")
 
 
-def _from_hub(repo_id: str) -> Path:
-    # Local cache first; a download only where the network allows it.
+def _from_hub(repo_id: str, allow_download: bool) -> Path:
+    # Local cache only, unless the user asked for a download.
     from huggingface_hub import snapshot_download
     with contextlib.suppress(Exception):
         return Path(snapshot_download(repo_id, local_files_only=True))
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
-        with contextlib.suppress(Exception):
-            return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
-    raise ModelNotFoundError(
-        f"hub model '{repo_id}' is not a local directory, not in the Hugging Face cache, and cannot be downloaded (offline)",
-        f"download it on a machine with network (`hf download {repo_id} --local-dir DIR`) and pass DIR")
+    if not allow_download:
+        raise ModelNotFoundError(f"hub model '{repo_id}' is not in the local Hugging Face cache and pocketlm does "
+                                 "not download unless asked",
+                                 "pass --allow-download (API: allow_download=True), or pass a local directory")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    except Exception as e:
+        raise ModelNotFoundError(f"hub model '{repo_id}' could not be downloaded ({type(e).__name__})",
+                                 f"check the id and the network, or download it elsewhere (`hf download {repo_id} "
+                                 "--local-dir DIR`) and pass DIR") from None
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -151,14 +177,17 @@ def pick_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu"):
+def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
+         allow_download: bool | None = None):
     """Load a causal LM and its tokenizer.
 
     Args:
-        name_or_path: an embedded name (tiny, reasoner, moe), a model directory, or a hub id
-            already in the local Hugging Face cache.
+        name_or_path: an embedded name (tiny, reasoner, moe), `smollm2` (the packaged real model), a
+            model directory, a GGUF file (dequantized to `dtype`; converted once, then cached), or a
+            hub id already in the local Hugging Face cache.
         dtype: float32 (default, an exact baseline on CPU), bfloat16 or float16.
         device: cpu (default), cuda, cuda:N or auto.
+        allow_download: download a hub id that is not cached (default: never, see `resolve`).
 
     Returns:
         (model, tokenizer), the model in eval mode. `model.pocketlm_source` is the ModelSource and
@@ -166,7 +195,7 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     """
     from transformers import AutoModelForCausalLM
 
-    source = resolve(name_or_path)
+    source = resolve(name_or_path, allow_download)
     read_config(source.path)
     check_weights(source.path)
     torch_dtype, device = pick_dtype(dtype), pick_device(device)
@@ -329,6 +358,13 @@ def _own_storage_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: own(t) for k, t in model.state_dict().items()}
 
 
+def _source_record(source: ModelSource) -> dict:
+    if source.gguf:  # the user's file, not the cache's float copy
+        return {"name": source.name, "path": source.gguf["file"], "hash": source.gguf["hash"], "format": "gguf",
+                "gguf_quantization": source.gguf["quantization"], "gguf_architecture": source.gguf["architecture"]}
+    return {"name": source.name, "path": str(source.path), "hash": content_hash(source.path)}
+
+
 def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None,
          calibration_hash: str | None = None, evaluation: dict | None = None,
          overwrite: bool = False) -> Path:
@@ -347,13 +383,13 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
     if qconfig:  # config.json names the quantized modules, so loaders can rebuild them
         model.config.quantization_config = qconfig
     source: ModelSource | None = getattr(model, "pocketlm_source", None)
-    protect = (source.path,) if source else ()
+    protect = source.inputs if source else ()
     prior = getattr(model, "pocketlm_record", {}) or {}
     record = {
         "pocketlm_version": __version__,
         # A re-saved artifact keeps its original source; a plain model is its own source.
         "source": prior.get("source") or (
-            {"name": source.name, "path": str(source.path), "hash": content_hash(source.path)} if source else None),
+            _source_record(source) if source else None),
         "recipe": [*prior.get("recipe", []), *(recipe or [])],
         "recipes": prior.get("recipes"),  # the recipes applied, as written (apply_recipe)
         "calibration_hash": calibration_hash or prior.get("calibration_hash"),

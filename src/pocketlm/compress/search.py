@@ -98,7 +98,7 @@ def run_search(model, tok, out: str | Path, budget: SearchBudget, space: SearchS
     """Measure every candidate, write `out` (report.md/html with the Pareto plots, search.json, and the
     chosen artifact in best/), and return search.json's content."""
     t0 = time.perf_counter()
-    check_output(out, overwrite, protect=(model.pocketlm_source.path,) if getattr(model, "pocketlm_source", None)
+    check_output(out, overwrite, protect=model.pocketlm_source.inputs if getattr(model, "pocketlm_source", None)
                  else ())  # before the long work
     calib_kw = dict(tok=tok, calib=calib, calib_samples=64, calib_len=512, show_progress=show_progress)
     reports, candidates, skipped = [], [], []

@@ -13,8 +13,17 @@ DEFAULT_TEXT = ASSETS / "data" / "test.txt"
 DEFAULT_TASKS = ASSETS / "data" / "arith_test.jsonl"
 
 
+def pydoc_text() -> tuple[Path, str]:
+    """Real English prose that every Python install has: the help topics of the standard library's
+    `pydoc_data/topics.py` (~465k characters of the Python reference manual), in topic-name order."""
+    from pydoc_data import topics
+    return Path(topics.__file__), "\n\n".join(topics.topics[k].strip() for k in sorted(topics.topics))
+
+
 def read_text(path: str | Path | None) -> tuple[Path, str]:
-    """The evaluation text (default: the embedded held-out test split)."""
+    """The evaluation text (default: the embedded held-out test split; `pydoc`: see `pydoc_text`)."""
+    if str(path) == "pydoc":
+        return pydoc_text()
     path = Path(path).expanduser() if path else DEFAULT_TEXT
     if not path.is_file():
         raise DataError(f"evaluation text '{path}' does not exist", "pass an existing UTF-8 text file with --text")

@@ -28,7 +28,10 @@ def weight_bytes(model) -> int:
 
 
 def disk_bytes(path: Path | None) -> int | None:
-    """Bytes of the weight files of a model directory (None when the model was not loaded from one)."""
+    """Bytes of the weight files of a model directory, or of one GGUF file (None when the model was not
+    loaded from either)."""
+    if path is not None and Path(path).is_file():
+        return Path(path).stat().st_size
     if path is None or not Path(path).is_dir():
         return None
     return sum(f.stat().st_size for f in weight_files(Path(path)))

@@ -31,7 +31,8 @@ class EvalProtocol(BaseConfig):
     """How every number in an EvalReport is measured (defaults from DESIGN.md).
 
     Quality:
-        text: evaluation text file (None: the embedded held-out test split of the reference corpus).
+        text: evaluation text file (None: the embedded held-out test split of the reference corpus;
+            "pydoc": the English prose of the standard library's pydoc_data/topics.py).
         tokens: the first N tokens of the text are scored (65,536), cut into non-overlapping windows
             of `ctx` (512) tokens, each scored from its own start, fp32 logits; `batch_size` windows
             per forward (4).
@@ -142,7 +143,9 @@ def machine_info(device: torch.device) -> dict:
 def describe(model) -> dict:
     source = getattr(model, "pocketlm_source", None)
     cfg = model.config
-    return {"name": source.name if source else cfg.name_or_path, "path": str(source.path) if source else None,
+    return {"name": source.name if source else cfg.name_or_path, "path": str(source.inputs[-1]) if source else None,
+            "format": "gguf" if source and source.gguf else "hf",
+            "gguf_quantization": source.gguf["quantization"] if source and source.gguf else None,
             "model_type": cfg.model_type, "architecture": (cfg.architectures or [type(model).__name__])[0],
             "params": sum(p.numel() for p in model.parameters()), "dtype": str(model.dtype).removeprefix("torch."),
             "device": str(next(model.parameters()).device), "recipe": getattr(model, "pocketlm_record", {}).get("recipe", [])}
@@ -191,7 +194,7 @@ def evaluate(model, tok, protocol: EvalProtocol = EvalProtocol(), *, baseline=No
         _check_same_tokenizer(tok, base_tok, base_name)
 
     source = getattr(model, "pocketlm_source", None)
-    efficiency, energy = measure_efficiency(model, tok, windows, protocol, source_path=source.path if source else None,
+    efficiency, energy = measure_efficiency(model, tok, windows, protocol, source_path=source.inputs[-1] if source else None,
                                             show_progress=show_progress)
     if baseline is not None and base_model is None:
         base_model, _ = load(baseline, dtype=baseline_dtype, device=str(dev))

@@ -92,8 +92,6 @@ def test_bad_settings_and_missing_calibration_change_nothing(tiny):
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     with pytest.raises(ConfigError, match="needs calibration data"):
         pocketlm.compress_(model, GPTQConfig(bits=4, group_size=32))
-    with pytest.raises(ConfigError, match=r"does not divide input width\(s\) \[352\]"):
-        pocketlm.compress_(model, GPTQConfig(bits=4, group_size=128), tok=tok, calib_samples=8, calib_len=64)
     assert all(type(m) is not QuantLinear for m in model.modules())
 
 

@@ -1,4 +1,5 @@
 import copy
+import json
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ from torch import nn
 
 import pocketlm
 from pocketlm.compress.quant.linear import QuantEmbedding, QuantLinear
+from pocketlm.compress.quant.primitives import Scheme, quantize_matrix, unpack
 from pocketlm.compress.quant.rtn import RTNConfig
 from pocketlm.errors import ConfigError
 from pocketlm.io import ASSETS
@@ -34,10 +36,25 @@ def test_bad_settings_change_nothing(tiny):
         RTNConfig(bits=2)
     with pytest.raises(ConfigError, match="group size 48"):
         RTNConfig(bits=4, group_size=48)
+    with pytest.raises(ConfigError, match="no group size up to 128 divides input width 100"):
+        Scheme(4, 128).fit(100)
+
+
+def test_group_size_that_does_not_divide_a_width_is_lowered_for_that_layer(tmp_path, tiny):
+    # tiny's MLP is 352 wide (11 x 32): its down_proj takes group 32, every other layer 128
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
-    with pytest.raises(ConfigError, match=r"does not divide input width\(s\) \[352\]"):
-        pocketlm.compress_(model, RTNConfig(bits=4, group_size=128), tok=tok)  # tiny's MLP is 352 wide
-    assert all(type(m) is not QuantLinear for m in model.modules())
+    down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    [applied] = pocketlm.compress_(model, RTNConfig(bits=4, group_size=128), tok=tok)
+    assert applied["stats"]["group_sizes"] == [32, 128]
+    assert applied["stats"]["lm_head"].startswith("float")  # not asked for: the head stays float
+    layer = model.model.layers[0]
+    assert layer.mlp.down_proj.scheme.group_size == 32 and layer.self_attn.q_proj.scheme.group_size == 128
+    q32, _, _ = quantize_matrix(down, Scheme(4, 32))
+    assert torch.equal(unpack(layer.mlp.down_proj.state_dict()["qweight"], 4, 352), q32)
+    pocketlm.save(model, tok, tmp_path / "a")
+    modules = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]["modules"]
+    assert modules["model.layers.0.mlp.down_proj"]["group_size"] == 32
+    assert modules["model.layers.0.mlp.up_proj"]["group_size"] == 128
 
 
 def test_fewer_bits_cost_more_fidelity_on_real_text(tiny):

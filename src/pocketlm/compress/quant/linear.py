@@ -62,6 +62,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, scheme: Scheme, bias: bool,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
+        scheme = scheme.fit(in_features)  # the group size this layer's width takes
         G = in_features // scheme.group(in_features)
         self.in_features, self.out_features, self.scheme, self.out_dtype = in_features, out_features, scheme, dtype
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None

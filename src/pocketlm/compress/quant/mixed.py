@@ -25,8 +25,8 @@ from .linear import QuantLinear
 from .primitives import Scheme, dequantize_matrix, quantize_matrix
 from ..calibration import decoder_layers, walk_layers
 from .gptq import WALK_BATCH, quantize_layer_
-from .rtn import GROUP_SIZES
-from .swap import check_targets, quantize_head_, set_module
+from .primitives import GROUP_SIZES
+from .swap import check_targets, quantize_head_, scheme_stats, set_module
 
 UNITS = 4096  # the knapsack's resolution: the budget in this many steps
 
@@ -181,7 +181,7 @@ def _mixed(model, cfg: MixedPrecisionConfig, ctx) -> dict:
              "predicted_kl": sum(sens[n][b] for n, b in chosen.items())}
     if cfg.head:
         stats.update(quantize_head_(model))
-    return stats
+    return {**stats, **scheme_stats(model, cfg.head)}
 
 
 def apply_bits_(model, linears: dict[str, nn.Linear], schemes: dict[str, Scheme], cfg, ctx) -> None:

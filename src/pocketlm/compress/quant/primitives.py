@@ -10,6 +10,10 @@ scale s and offset z per group of inputs (per output row for int8):
 
 s and z are rounded to bf16 before rounding the weights, because the kernels take them in bf16:
 the codes are then exact for the values the kernels use.
+
+A group size that does not divide a layer's input width (real models: hidden 576 is no multiple of
+128) is lowered for that layer to the largest kernel group size that does (`Scheme.fit`); the
+artifact records each layer's group size.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import dataclasses
 import torch
 
 PARAM_DTYPE = torch.bfloat16
+GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel takes
 MID = {8: 0, 4: 8, 3: 8}
 CODES = {8: (-127, 127), 4: (0, 15), 3: (0, 7)}  # (lowest, highest) code
 
@@ -35,8 +40,21 @@ class Scheme:
             object.__setattr__(self, "group_size", None)
             object.__setattr__(self, "sym", True)
 
+    def fit(self, in_features: int) -> "Scheme":
+        """This scheme for a layer of `in_features` inputs: the group size lowered to the largest of
+        GROUP_SIZES that divides the width (unchanged when the requested one does)."""
+        if self.group_size is None or in_features % self.group_size == 0:
+            return self
+        fits = [g for g in GROUP_SIZES if g <= self.group_size and in_features % g == 0]
+        if not fits:
+            from ...errors import ConfigError
+            raise ConfigError(f"no group size up to {self.group_size} divides input width {in_features}",
+                              f"input widths must be multiples of {GROUP_SIZES[0]} for int{self.bits} groups; "
+                              "use --bits 8 (per channel)")
+        return dataclasses.replace(self, group_size=fits[-1])
+
     def group(self, in_features: int) -> int:
-        return self.group_size or in_features
+        return self.fit(in_features).group_size or in_features
 
     def bits_per_weight(self, in_features: int) -> float:
         """Stored bits per weight, parameters included (bf16 scale, and zero when asymmetric)."""

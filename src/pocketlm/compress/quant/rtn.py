@@ -9,10 +9,9 @@ import torch
 from ...config import check, register_config
 from ..api import PassConfig, register_pass
 from .linear import QuantLinear
-from .primitives import Scheme
-from .swap import check_targets, quantize_head_, set_module
+from .primitives import GROUP_SIZES, Scheme
+from .swap import check_targets, quantize_head_, scheme_stats, set_module
 
-GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +35,7 @@ class WeightQuantConfig(PassConfig):
         check(self.bits in self.allowed_bits, f"{self.kind} supports {self.allowed_bits} bits, not {self.bits}",
               f"use --bits {' or '.join(map(str, self.allowed_bits))}")
         check(self.group_size in GROUP_SIZES, f"group size {self.group_size} is not one of {GROUP_SIZES}",
-              "use --group-size 32, 64, 128 or 256")
+              "use --group-size 32, 64, 128 or 256 (a layer whose width it does not divide takes the largest that does)")
 
     @property
     def scheme(self) -> Scheme:
@@ -53,10 +52,11 @@ class RTNConfig(WeightQuantConfig):
 
 
 def finish_head(model, cfg: WeightQuantConfig, stats: dict) -> dict:
-    """Quantize the LM head and embedding when the config asks; add their bytes to `stats`."""
+    """Quantize the LM head and embedding when the config asks; add their bytes, the group sizes used
+    and how the head is stored to `stats`."""
     if cfg.head:
         stats.update(quantize_head_(model))
-    return stats
+    return {**stats, **scheme_stats(model, cfg.head)}
 
 
 @register_pass(RTNConfig)

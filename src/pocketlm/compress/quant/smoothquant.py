@@ -23,7 +23,7 @@ from ..calibration import decoder_layers, run_layer, walk_layers
 from .awq import Site, fold_scale_, input_sites
 from .linear import W8A8Linear
 from .primitives import Scheme
-from .swap import check_targets, layer_linears, quantize_head_, set_module
+from .swap import check_targets, layer_linears, quantize_head_, scheme_stats, set_module
 
 TINY = 1e-5  # floor of activation/weight maxima and of scales: dead channels must not divide by zero
 
@@ -109,4 +109,4 @@ def _smoothquant(model, cfg: SmoothQuantConfig, ctx) -> dict:
     stats = {"layers": count, "smoothed_sites": smoothed, "linear_bytes_before": before, "linear_bytes_after": after}
     if cfg.head:
         stats.update(quantize_head_(model))
-    return stats
+    return {**stats, **scheme_stats(model, cfg.head)}

@@ -44,12 +44,26 @@ def check_targets(model, scheme: Scheme, names: list[str] | None = None, head: b
     if not linears:
         raise ConfigError("the model has no plain linear layers in its decoder to quantize",
                           "quantize a model with linear projections (fused MoE experts are not covered)")
-    bad = sorted({m.in_features for m in linears.values() if m.in_features % scheme.group(m.in_features)
-                  or (scheme.bits == 3 and m.in_features % 8)})
+    for m in linears.values():  # raises when no kernel group size divides a width
+        scheme.fit(m.in_features)
+    bad = sorted({m.in_features for m in linears.values() if scheme.bits == 3 and m.in_features % 8})
     if bad:
-        raise ConfigError(f"group size {scheme.group_size} does not divide input width(s) {bad}",
-                          "choose a group size that divides every linear layer's input width")
+        raise ConfigError(f"int3 codes need input widths that are multiples of 8, not {bad}",
+                          "use --bits 4")
     return linears
+
+
+def scheme_stats(model, head: bool) -> dict:
+    """What an artifact states about its quantization beyond the codes: the group sizes the layers
+    took (a requested size that does not divide a width is lowered, `Scheme.fit`) and the LM head."""
+    groups = sorted({m.scheme.group_size for m in model.modules()
+                     if isinstance(m, QuantLinear) and m.scheme.group_size is not None and m is not model.lm_head})
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = isinstance(in_emb, QuantEmbedding) and in_emb.table[0] is out_emb or (
+        hasattr(out_emb, "weight") and hasattr(in_emb, "weight") and out_emb.weight is in_emb.weight)
+    kind = "int8 per row" if head else f"float ({str(out_emb.weight.dtype).removeprefix('torch.')}, not quantized)"
+    return {**({"group_sizes": groups} if groups else {}),
+            "lm_head": kind + ("; tied to the embedding: one table" if tied else "; embedding separate")}
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
