@@ -192,7 +192,10 @@ def section_quant(args, work: Path) -> dict:
          [("MixedPrecisionConfig", {"max_size_mb": sizes["Q4_K_M"], "candidates": (4, 8), "group_size": 128,
                                     "sensitivity_samples": 1})]),
     ]
-    for label, configs in jobs:
+    keep = args.quant_methods.split(",")
+    for (label, configs), key in zip(jobs, ("rtn8", "rtn4", "q41", "gptq", "awq", "mixed")):
+        if key not in keep:
+            continue
         compress_and_score(label, configs, args, work, windows, base, rows)
     _table("quantization of SmolLM2-135M-Instruct (Δppl vs the fp32 dequantized source)", rows)
     return {"rows": rows, "llamacpp": llamacpp.version()}
@@ -327,6 +330,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration sequences of 512 tokens")
     ap.add_argument("--kd-minutes", type=float, default=10.0, help="wall-time budget of the KD recovery")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--quant-methods", default="rtn8,rtn4,q41,gptq,awq,mixed")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
