@@ -71,3 +71,30 @@ def find_loop(tokens: list[int], cfg: RepairConfig = RepairConfig()) -> int | No
 def has_loop(tokens: list[int], cfg: RepairConfig = RepairConfig()) -> bool:
     """Whether any prefix of `tokens` ends in a loop (the measure of 'an output with a loop')."""
     return any(find_loop(tokens[:end], cfg) is not None for end in range(1, len(tokens) + 1))
+
+
+def rollback_floor(tokens: list[int], cfg: RepairConfig = RepairConfig()) -> int:
+    """The first index that a later repair could still roll back: tokens before it are final.
+
+    A repair drops tokens[start:], where start begins a stretch that repeats the p tokens before it, or
+    a suffix (shorter than `ngram`) that already occurred earlier. Streams send only the final tokens,
+    so ordinary text goes out at once and only a repeat in the making is held back."""
+    n = len(tokens)
+    floor = n
+    for p in range(1, min(cfg.max_period, n) + 1):  # longest p-periodic suffix
+        m = n
+        while m - 1 >= p and tokens[m - 1] == tokens[m - 1 - p]:
+            m -= 1
+        floor = min(floor, m)
+    if cfg.ngram and n:
+        last, longest = tokens[-1], 0
+        for q in range(n - 2, -1, -1):  # earlier copies of the last token, and how far back they match
+            if tokens[q] == last:
+                length = 1
+                while length < cfg.ngram - 1 and q - length >= 0 and tokens[q - length] == tokens[n - 1 - length]:
+                    length += 1
+                longest = max(longest, length)
+                if longest == cfg.ngram - 1:
+                    break
+        floor = min(floor, n - longest)
+    return floor

@@ -1,0 +1,295 @@
+"""The OpenAI-compatible HTTP app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+
+Each request becomes a Job for the engine thread; its events come back through an asyncio queue and
+are written as one JSON response or as server-sent events. A client that goes away cancels its job,
+which frees its slot at the next decode step. Every failure is one OpenAI-style error object.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from . import protocol as P
+from .engine import Engine, ServeConfig
+from .escalate import escalate
+from .metrics import Metrics
+from .scheduler import Job, QueueFull
+
+DONE_FIELDS = ("mode", "reason", "repairs", "budget_hit", "decoded_tokens")  # reported under "pocketlm"
+OPEN_PATHS = ("/health",)  # answered without an API key (load balancers probe it)
+
+
+def create_app(cfg: ServeConfig) -> FastAPI:
+    metrics = Metrics()
+    engine = Engine(cfg, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start_loading()
+        yield
+        await asyncio.to_thread(engine.close)
+
+    app = FastAPI(title="pocketlm", lifespan=lifespan)
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if cfg.api_keys and request.url.path not in OPEN_PATHS and not _authorized(request, cfg.api_keys):
+            return _error(P.RequestError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'"))
+        try:
+            return await call_next(request)
+        except Exception as e:  # noqa: BLE001  (one request's failure never takes the server down)
+            metrics.count("error")
+            return _error(P.RequestError(500, f"internal error: {type(e).__name__}: {e}"))
+
+    @app.get("/health")
+    async def health():
+        status = {"loading": 503, "ready": 200, "failed": 503}[engine.state]
+        body = {"status": "ok" if status == 200 else engine.state}
+        if engine.error:
+            body["error"] = engine.error
+        if engine.scheduler is not None:
+            body.update(engine.scheduler.load())
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "owned_by": "pocketlm",
+                                            "created": 0}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        try:
+            body = await _body(request, cfg.max_body_bytes)
+            engine.check_ready()
+            _check_model(body, engine)
+            opts = P.common(body)
+            mode, budget, source = P.thinking(body)
+            top = P._number(body, "top_logprobs", 0, int, lo=0, hi=5)
+            want = body.get("logprobs", False) is True or top > 0
+            job = engine.chat_job(P.messages(body), P.max_tokens(body, cfg.max_tokens_limit), mode, budget, source,
+                                  sampling=P.sampling(body), stop_strings=P.stops(body), top_logprobs=top,
+                                  want_logprobs=want)
+        except P.RequestError as e:
+            metrics.count("invalid")
+            return _error(e)
+        except Exception as e:  # noqa: BLE001  (PocketError from a config check: the request's fault)
+            metrics.count("invalid")
+            return _error(P.bad(str(e)))
+        return await _run(request, engine, job, body, opts, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        try:
+            body = await _body(request, cfg.max_body_bytes)
+            engine.check_ready()
+            _check_model(body, engine)
+            opts = P.common(body)
+            top = P._number(body, "logprobs", 0, int, lo=0, hi=5)
+            want = body.get("logprobs") is not None
+            job = engine.completion_job(P.completion_prompt(body, engine.tok), P.max_tokens(body, cfg.max_tokens_limit),
+                                        sampling=P.sampling(body), stop_strings=P.stops(body), top_logprobs=top,
+                                        want_logprobs=want)
+        except P.RequestError as e:
+            metrics.count("invalid")
+            return _error(e)
+        except Exception as e:  # noqa: BLE001
+            metrics.count("invalid")
+            return _error(P.bad(str(e)))
+        return await _run(request, engine, job, body, opts, chat=False)
+
+    return app
+
+
+# ---- running one request ----------------------------------------------------------------------
+
+async def _run(request: Request, engine: Engine, job: Job, body: dict, opts: dict, *, chat: bool):
+    events = _attach(job)
+    try:
+        engine.scheduler.submit(job)
+    except QueueFull:
+        engine.metrics.count("rejected")
+        return _error(P.RequestError(429, "every slot is busy and the queue is full; retry later",
+                                     headers={"Retry-After": str(engine.cfg.retry_after_s)}))
+    rid = P.new_id("chatcmpl" if chat else "cmpl")
+    if opts["stream"]:
+        return StreamingResponse(_stream(request, engine, job, events, body, rid, chat, opts["include_usage"]),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    parts = {"content": [], "think": []}
+    pieces, extra, done = [], {}, None
+    try:
+        async for kind, data in _events(request, engine, job, events, body, extra):
+            if kind in parts:
+                parts[kind].append(data["text"])
+                if job.want_logprobs and data.get("token") is not None and kind == "content":
+                    pieces.append(data)
+            elif kind == "remote":
+                return JSONResponse({**data, "pocketlm": extra})
+            elif kind == "done":
+                done = data
+    except _Failed as e:
+        return _error(e.error)
+    if done is None:  # the client went away; its job was cancelled
+        return Response(status_code=499)
+    extra.update({k: done[k] for k in DONE_FIELDS})
+    extra.setdefault("answered_by", "local")
+    model = engine.model_id
+    if chat:
+        lps = [P.chat_logprob(engine.tok, p) for p in pieces] if job.want_logprobs else None
+        return JSONResponse(P.chat_response(rid, model, "".join(parts["content"]).strip() if job.thinking else
+                                            "".join(parts["content"]), "".join(parts["think"]).strip(), lps, done,
+                                            extra))
+    lps = P.text_logprobs(engine.tok, pieces) if job.want_logprobs else None
+    return JSONResponse(P.text_response(rid, model, "".join(parts["content"]), lps, done, extra))
+
+
+async def _stream(request, engine: Engine, job: Job, events, body, rid: str, chat: bool,
+                  include_usage: bool) -> AsyncIterator[str]:
+    model, extra = engine.model_id, {}
+    try:
+        if chat:
+            yield _sse(P.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
+        async for kind, data in _events(request, engine, job, events, body, extra):
+            if kind in ("content", "think") and data["text"]:
+                lp = None
+                if job.want_logprobs and data.get("token") is not None:
+                    lp = [P.chat_logprob(engine.tok, data)] if chat else P.text_logprobs(engine.tok, [data])
+                if chat:
+                    delta = ({"content": data["text"]} if kind == "content"
+                             else {"reasoning_content": data["text"], "reasoning": data["text"]})
+                    yield _sse(P.chat_chunk(rid, model, delta, logprobs=lp))
+                else:
+                    yield _sse(P.text_chunk(rid, model, data["text"], logprobs=lp))
+            elif kind == "remote":  # an escalated answer, sent whole
+                msg = data["choices"][0]["message"]
+                delta = {"content": msg.get("content") or ""}
+                if msg.get("reasoning_content"):
+                    delta["reasoning_content"] = msg["reasoning_content"]
+                yield _sse(P.chat_chunk(rid, model, delta))
+                yield _sse({**P.chat_chunk(rid, model, {}, data["choices"][0].get("finish_reason", "stop")),
+                            "pocketlm": extra})
+                break
+            elif kind == "done":
+                extra.update({k: data[k] for k in DONE_FIELDS})
+                extra.setdefault("answered_by", "local")
+                last = (P.chat_chunk(rid, model, {}, data["finish_reason"]) if chat
+                        else P.text_chunk(rid, model, "", data["finish_reason"]))
+                yield _sse({**last, "pocketlm": extra})
+                if include_usage:
+                    yield _sse({**(P.chat_chunk(rid, model, {}) if chat else P.text_chunk(rid, model, "")),
+                                "choices": [], "usage": P.usage(data)})
+        yield "data: [DONE]\n\n"
+    except _Failed as e:
+        yield _sse(e.error.body())
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = True  # a no-op when it finished; frees the slot when the client went away
+
+
+class _Failed(Exception):
+    def __init__(self, error: P.RequestError):
+        self.error = error
+
+
+async def _events(request: Request, engine: Engine, job: Job, events: asyncio.Queue, body: dict, extra: dict):
+    """The job's events; a 'hard' event is escalated (or, if the remote fails, answered locally in slow
+    mode, and `extra` says so). Raises _Failed for an error; cancels the job when the client leaves."""
+    while True:
+        try:
+            kind, data = await asyncio.wait_for(events.get(), timeout=1.0)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                job.cancelled = True
+                engine.metrics.count("cancelled")
+                return
+            continue
+        if kind == "error":
+            engine.metrics.count("error")
+            raise _Failed(P.RequestError(data.get("status", 500), data["message"]))
+        if kind == "hard":
+            extra["escalation"] = {"reason": data["reason"], "url": engine.cfg.escalate_to}
+            answer, err = await escalate(engine.cfg, body)
+            if answer is not None:
+                engine.metrics.escalations.labels("ok").inc()
+                engine.metrics.count("ok")
+                extra["answered_by"] = "escalated"
+                yield "remote", answer
+                return
+            engine.metrics.escalations.labels("fallback").inc()
+            extra["answered_by"] = "local (escalation failed)"
+            extra["escalation"]["error"] = err
+            job.escalate, job.mode, job.ids = False, "slow", job.slow_ids
+            job.probe, job.confidence_threshold, job.cancelled = None, None, False
+            try:
+                engine.scheduler.submit(job)
+            except QueueFull:
+                raise _Failed(P.RequestError(429, "escalation failed and the local queue is full; retry later",
+                                             headers={"Retry-After": str(engine.cfg.retry_after_s)})) from None
+            continue
+        if kind == "done":
+            engine.metrics.count("ok")
+        yield kind, data
+        if kind == "done":
+            return
+
+
+def _attach(job: Job) -> asyncio.Queue:
+    """Route the engine thread's events for `job` into an asyncio queue of this event loop."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    job.emit = lambda kind, data: loop.call_soon_threadsafe(queue.put_nowait, (kind, data))
+    return queue
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def _authorized(request: Request, keys: tuple[str, ...]) -> bool:
+    auth = request.headers.get("authorization", "")
+    given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    # compare against every key, always: the time taken says nothing about which key nearly matched
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(given.encode(), key.encode())
+    return ok
+
+
+async def _body(request: Request, limit: int) -> dict:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise P.RequestError(413, f"the request body of {declared} bytes is over the limit of {limit}")
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise P.RequestError(413, f"the request body is over the limit of {limit} bytes")
+    try:
+        body = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise P.bad(f"the request body is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    if not isinstance(body, dict):
+        raise P.bad("the request body must be a JSON object")
+    return body
+
+
+def _check_model(body: dict, engine: Engine) -> None:
+    name = body.get("model")
+    if name is not None and name not in (engine.model_id, engine.cfg.model):
+        raise P.RequestError(404, f"model '{name}' is not served here; this server serves '{engine.model_id}' "
+                             "(GET /v1/models)", "model")
+
+
+def _error(e: P.RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
