@@ -46,6 +46,20 @@ class Reply:
         return dataclasses.asdict(self)
 
 
+def check_thinking_template(tok) -> None:
+    """Refuse a tokenizer whose chat template cannot render, or renders the same with thinking on and off."""
+    msgs = [{"role": "user", "content": "1+1?"}]
+    try:
+        on = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+        off = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    except Exception as e:  # no template at all, or one that fails to render
+        raise UnsupportedModelError(f"the model has no usable chat template ({type(e).__name__})",
+                                    "use a chat model whose template supports enable_thinking") from None
+    if on == off:
+        raise UnsupportedModelError("the chat template ignores enable_thinking, so fast and slow modes are "
+                                    "the same", "use a chat model whose template switches thinking on and off")
+
+
 def split_switch(message: str) -> tuple[str, str | None]:
     """('message without a trailing soft switch', mode the switch asks for or None)."""
     text = message.rstrip()
@@ -89,7 +103,7 @@ class DualSystem:
         self.budget_fallback = budget_fallback
         self.think_budget, self.fast_tokens, self.slow_tokens = think_budget, fast_tokens, slow_tokens
         self.soft_switch, self.repair, self.batch_size = soft_switch, repair, batch_size
-        self._check_template()
+        check_thinking_template(self.tok)
         vocab = self.tok.get_vocab()
         self.open_id, self.close_id = vocab.get("<think>"), vocab.get("</think>")
         if self.open_id is None or self.close_id is None:
@@ -102,18 +116,6 @@ class DualSystem:
         self._close_lead = self.close_ids.index(self.close_id)  # forced tokens before </think>: not thinking
         if router is not None:
             router.check_model(generator.model)
-
-    def _check_template(self) -> None:
-        msgs = [{"role": "user", "content": "1+1?"}]
-        try:
-            on = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
-            off = self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-        except Exception as e:  # no template at all, or one that fails to render
-            raise UnsupportedModelError(f"the model has no usable chat template ({type(e).__name__})",
-                                        "use a chat model whose template supports enable_thinking") from None
-        if on == off:
-            raise UnsupportedModelError("the chat template ignores enable_thinking, so fast and slow modes are "
-                                        "the same", "use a chat model whose template switches thinking on and off")
 
     # ---- prompts -----------------------------------------------------------------------------
     def prompt(self, question: str, mode: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:

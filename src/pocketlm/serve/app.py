@@ -15,6 +15,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..errors import PocketError
 from . import protocol as P
 from .engine import Engine, ServeConfig
 from .escalate import escalate
@@ -67,46 +68,39 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         return {"object": "list", "data": [{"id": engine.model_id, "object": "model", "owned_by": "pocketlm",
                                             "created": 0}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
+    async def handle(request: Request, build, chat: bool):
+        """Read and check a completion request, build its Job with `build(body)`, and run it."""
         try:
             body = await _body(request, cfg.max_body_bytes)
             engine.check_ready()
             _check_model(body, engine)
             opts = P.common(body)
-            mode, budget, source = P.thinking(body)
-            top = P._number(body, "top_logprobs", 0, int, lo=0, hi=5)
-            want = body.get("logprobs", False) is True or top > 0
-            job = engine.chat_job(P.messages(body), P.max_tokens(body, cfg.max_tokens_limit), mode, budget, source,
-                                  sampling=P.sampling(body), stop_strings=P.stops(body), top_logprobs=top,
-                                  want_logprobs=want)
-        except P.RequestError as e:
+            job = build(body)
+        except (P.RequestError, PocketError) as e:  # a PocketError here is a config check of the request's values
             metrics.count("invalid")
-            return _error(e)
-        except Exception as e:  # noqa: BLE001  (PocketError from a config check: the request's fault)
-            metrics.count("invalid")
-            return _error(P.bad(str(e)))
-        return await _run(request, engine, job, body, opts, chat=True)
+            return _error(e if isinstance(e, P.RequestError) else P.bad(str(e)))
+        return await _run(request, engine, job, body, opts, chat=chat)
+
+    def chat_job(body: dict) -> Job:
+        mode, budget, source = P.thinking(body)
+        top = P.number(body, "top_logprobs", 0, int, lo=0, hi=5)
+        return engine.chat_job(P.messages(body), P.max_tokens(body, cfg.max_tokens_limit), mode, budget, source,
+                               sampling=P.sampling(body), stop_strings=P.stops(body), top_logprobs=top,
+                               want_logprobs=body.get("logprobs", False) is True or top > 0)
+
+    def completion_job(body: dict) -> Job:
+        return engine.completion_job(P.completion_prompt(body, engine.tok), P.max_tokens(body, cfg.max_tokens_limit),
+                                     sampling=P.sampling(body), stop_strings=P.stops(body),
+                                     top_logprobs=P.number(body, "logprobs", 0, int, lo=0, hi=5),
+                                     want_logprobs=body.get("logprobs") is not None)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await handle(request, chat_job, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        try:
-            body = await _body(request, cfg.max_body_bytes)
-            engine.check_ready()
-            _check_model(body, engine)
-            opts = P.common(body)
-            top = P._number(body, "logprobs", 0, int, lo=0, hi=5)
-            want = body.get("logprobs") is not None
-            job = engine.completion_job(P.completion_prompt(body, engine.tok), P.max_tokens(body, cfg.max_tokens_limit),
-                                        sampling=P.sampling(body), stop_strings=P.stops(body), top_logprobs=top,
-                                        want_logprobs=want)
-        except P.RequestError as e:
-            metrics.count("invalid")
-            return _error(e)
-        except Exception as e:  # noqa: BLE001
-            metrics.count("invalid")
-            return _error(P.bad(str(e)))
-        return await _run(request, engine, job, body, opts, chat=False)
+        return await handle(request, completion_job, chat=False)
 
     return app
 

@@ -7,8 +7,8 @@ import threading
 from typing import ClassVar
 
 from ..config import BaseConfig, check, register_config
-from ..errors import ConfigError
-from ..runtime.dual import BUDGET_CLOSE, SWITCHES, split_switch
+from ..errors import ConfigError, UnsupportedModelError
+from ..runtime.dual import BUDGET_CLOSE, SWITCHES, check_thinking_template, split_switch
 from .protocol import RequestError, bad
 from .scheduler import Job, Scheduler, Thinking
 
@@ -134,13 +134,9 @@ class Engine:
         vocab = tok.get_vocab()
         if "<think>" not in vocab or "</think>" not in vocab or not self.has_template:
             return None
-        msgs = [{"role": "user", "content": "1+1?"}]
         try:
-            on = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=True)
-            off = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
-        except Exception:  # noqa: BLE001
-            return None
-        if on == off:
+            check_thinking_template(tok)
+        except UnsupportedModelError:
             return None
         return vocab["<think>"], vocab["</think>"], tok(BUDGET_CLOSE, add_special_tokens=False)["input_ids"]
 

@@ -33,7 +33,7 @@ EFFORT = {"none": ("fast", None), "minimal": ("fast", None), "low": ("slow", 128
 THINKING_MODES = ("fast", "slow", "auto")
 
 
-def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
+def number(body: dict, key: str, default, kind=float, lo=None, hi=None):
     value = body.get(key, default)
     if value is None:
         return default
@@ -46,11 +46,11 @@ def _number(body: dict, key: str, default, kind=float, lo=None, hi=None):
 
 def sampling(body: dict) -> SamplingConfig:
     """temperature (default 1.0, as OpenAI's), top_p, top_k (0 = off), seed, repetition_penalty."""
-    return SamplingConfig(temperature=_number(body, "temperature", 1.0, lo=0, hi=2),
-                          top_p=_number(body, "top_p", 1.0, lo=1e-9, hi=1),
-                          top_k=_number(body, "top_k", 0, int, lo=0, hi=10**6),
-                          repetition_penalty=_number(body, "repetition_penalty", 1.0, lo=1e-3, hi=10),
-                          seed=_number(body, "seed", None, int, lo=-2**63, hi=2**63 - 1))
+    return SamplingConfig(temperature=number(body, "temperature", 1.0, lo=0, hi=2),
+                          top_p=number(body, "top_p", 1.0, lo=1e-9, hi=1),
+                          top_k=number(body, "top_k", 0, int, lo=0, hi=10**6),
+                          repetition_penalty=number(body, "repetition_penalty", 1.0, lo=1e-3, hi=10),
+                          seed=number(body, "seed", None, int, lo=-2**63, hi=2**63 - 1))
 
 
 def stops(body: dict) -> tuple[str, ...]:
@@ -65,7 +65,7 @@ def stops(body: dict) -> tuple[str, ...]:
 
 def common(body: dict) -> dict:
     """The fields every completion request shares: n, stream, stream_options."""
-    if _number(body, "n", 1, int, lo=1) != 1:
+    if number(body, "n", 1, int, lo=1) != 1:
         raise bad("only n=1 is supported", "n")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
@@ -79,7 +79,7 @@ def common(body: dict) -> dict:
 def max_tokens(body: dict, limit: int) -> int | None:
     for key in ("max_completion_tokens", "max_tokens", "n_predict"):
         if body.get(key) is not None:
-            return _number(body, key, None, int, lo=1, hi=limit)
+            return number(body, key, None, int, lo=1, hi=limit)
     return None
 
 
@@ -109,7 +109,7 @@ def messages(body: dict) -> list[dict]:
 
 def thinking(body: dict) -> tuple[str | None, int | None, str]:
     """(mode or None for the server's default, thinking budget or None, where the mode came from)."""
-    budget = _number(body, "thinking_budget_tokens", None, int, lo=0, hi=10**6)
+    budget = number(body, "thinking_budget_tokens", None, int, lo=0, hi=10**6)
     mode = body.get("thinking")
     if mode is not None:
         if mode not in THINKING_MODES:
