@@ -65,12 +65,13 @@ def prepare(name: str, work: Path, threads: int) -> tuple[Path, Path]:
     return art, gguf
 
 
-def start(kind: str, path: Path, port: int, args) -> subprocess.Popen:
+def start(kind: str, path: Path, port: int, args, extra: list[str] = ()) -> subprocess.Popen:
+    """A server process on 127.0.0.1:port, returned once it answers (pocketlm: once /health is 200)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     if kind == "pocketlm":
         cmd = [sys.executable, "-m", "pocketlm.cli", "serve", str(path), "--port", str(port), "--threads",
                str(args.threads), "--parallel", str(max(args.concurrency)), "--ctx-size", str(args.ctx),
-               "--queue-size", str(args.requests), "--model-id", "m"]
+               "--queue-size", str(args.requests), "--model-id", "m", *extra]
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port),
                "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx),
