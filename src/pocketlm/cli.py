@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from .cli_moe_options import EXPERT_BITS, EXPERT_MEMORY, MOE_THRESHOLD, MOE_TOP_P, RESIDENT, moe_overrides
 from .errors import ConfigError, PocketError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -49,6 +50,11 @@ def eval_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     label: Optional[str] = typer.Option(None, help="Name in tables and plots."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the EvalReport JSON here."),
+    resident_experts: Optional[str] = RESIDENT,
+    expert_memory_mb: Optional[float] = EXPERT_MEMORY,
+    expert_bits_mb: Optional[float] = EXPERT_BITS,
+    moe_top_p: Optional[float] = MOE_TOP_P,
+    moe_threshold: Optional[float] = MOE_THRESHOLD,
 ):
     """Evaluate a model under the one protocol: quality, size, memory, speed, energy."""
     from .eval.protocol import EvalProtocol, evaluate
@@ -59,7 +65,8 @@ def eval_cmd(
                             tasks=str(tasks) if tasks else None, task_limit=task_limit, task_thinking=thinking,
                             speed=not no_speed, decode_batch_sizes=_batch_sizes(batch_sizes), repeats=repeats,
                             threads=threads, engine=engine, compile=compile, watts_per_core=watts_per_core)
-    m, tok = load(model, dtype=dtype, device=device)
+    moe = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
+    m, tok = load(model, dtype=dtype, device=device, moe=moe)
     report = evaluate(m, tok, protocol, baseline=baseline, baseline_dtype=baseline_dtype, label=label)
     out.print(render_table([report.to_dict()]))
     if json_out:
@@ -92,6 +99,11 @@ def generate_cmd(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    resident_experts: Optional[str] = RESIDENT,
+    expert_memory_mb: Optional[float] = EXPERT_MEMORY,
+    expert_bits_mb: Optional[float] = EXPERT_BITS,
+    moe_top_p: Optional[float] = MOE_TOP_P,
+    moe_threshold: Optional[float] = MOE_THRESHOLD,
 ):
     """Generate text from a prompt with pocketlm's engine (static KV cache, optional compiled decode)."""
     from .io import load
@@ -99,8 +111,9 @@ def generate_cmd(
 
     sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed)
+    moe = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
     _threads(threads)
-    m, tok = load(model, dtype=dtype, device=device)
+    m, tok = load(model, dtype=dtype, device=device, moe=moe)
     gen = Generator(m, tok, compile=compile)
     if repair:
         from .runtime.repair import RepairConfig

@@ -1,4 +1,4 @@
-"""The mixture-of-experts commands of the `pocketlm` app: moe bench, moefy (registered on cli.app)."""
+"""The mixture-of-experts commands of the `pocketlm` app: moe bench, moe deploy, moefy (registered on cli.app)."""
 from __future__ import annotations
 
 import json
@@ -9,21 +9,11 @@ import typer
 from rich.table import Table
 
 from .cli import _threads, app, out
+from .cli_moe_options import EXPERT_BITS, EXPERT_MEMORY, MOE_THRESHOLD, MOE_TOP_P, RESIDENT, moe_overrides, resident_value
 from .errors import ConfigError
 
 moe_app = typer.Typer(no_args_is_help=True, help="Run MoE models with experts offloaded, bit-mixed, dynamic top-k.")
 app.add_typer(moe_app, name="moe")
-
-
-def _resident(value: Optional[str]) -> float | int | None:
-    """'0.25' → a share of all experts; '12' → a count."""
-    if value is None:
-        return None
-    try:
-        return int(value) if value.strip().isdigit() else float(value)
-    except ValueError:
-        raise ConfigError(f"--resident-experts '{value}' is neither a count nor a share",
-                          "pass e.g. 12 (experts) or 0.25 (of all experts)") from None
 
 
 @moe_app.command("bench")
@@ -37,10 +27,10 @@ def moe_bench_cmd(
                                   help="Load the next layer's likely expert early, in a background thread."),
     page_cache: bool = typer.Option(True, "--page-cache/--no-page-cache",
                                     help="--no-page-cache: every expert load reads the disk."),
-    bits_budget_mb: Optional[float] = typer.Option(None, help="Quantize experts to a per-expert 8/4-bit mix of this size."),
+    bits_budget_mb: Optional[float] = typer.Option(None, "--bits-budget-mb", "--expert-bits-mb", help="Quantize experts to a per-expert 8/4-bit mix of this size."),
     group_size: int = typer.Option(32, help="int4 group size of the bit mix."),
-    top_p: Optional[float] = typer.Option(None, help="Dynamic top-k: fewest experts whose router mass reaches P."),
-    threshold: Optional[float] = typer.Option(None, help="Dynamic top-k: experts whose router probability is ≥ T."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", "--moe-top-p", help="Dynamic top-k: fewest experts whose router mass reaches P."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", "--moe-threshold", help="Dynamic top-k: experts whose router probability is ≥ T."),
     new_tokens: int = typer.Option(128, help="Greedy tokens per decode run."),
     rounds: int = typer.Option(5, help="Alternating timed rounds (medians reported)."),
     ppl_tokens: int = typer.Option(16384, help="Tokens of test text for perplexity (0: skip)."),
@@ -52,7 +42,7 @@ def moe_bench_cmd(
     from .io import atomic_write_text
     from .moe.bench import MoEBenchConfig, run_moe_bench
 
-    share = _resident(resident)
+    share = resident_value(resident)
     cfg = MoEBenchConfig(resident=share if share is not None or expert_memory_mb is not None else 0.25,
                          expert_memory_mb=expert_memory_mb, policy=policy, prefetch=prefetch, page_cache=page_cache,
                          bits_budget_mb=bits_budget_mb, group_size=group_size, top_p=top_p, threshold=threshold,
@@ -86,6 +76,43 @@ def moe_bench_cmd(
     if json_out:
         atomic_write_text(json_out, json.dumps(r, indent=1) + "\n")
         out.print(f"wrote {json_out}")
+
+
+@moe_app.command("deploy")
+def moe_deploy_cmd(
+    model: str = typer.Argument(..., help="MoE model directory or embedded name (e.g. moe)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    resident_experts: Optional[str] = RESIDENT,
+    expert_memory_mb: Optional[float] = EXPERT_MEMORY,
+    expert_bits_mb: Optional[float] = EXPERT_BITS,
+    moe_top_p: Optional[float] = MOE_TOP_P,
+    moe_threshold: Optional[float] = MOE_THRESHOLD,
+    policy: Optional[str] = typer.Option(None, help="Eviction: lru or lfu (default lfu)."),
+    group_size: Optional[int] = typer.Option(None, help="int4 group size of the bit mix (default 32)."),
+    calib_samples: Optional[int] = typer.Option(None, help="Calibration windows of 512 tokens for the bit plan (default 32)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
+):
+    """Save MODEL as an artifact that runs its experts this way wherever it is loaded (generate, chat,
+    eval, serve; their own MoE options still change it): offload budget, expert bit plan, dynamic top-k."""
+    from .io import check_output, load
+    from .moe.deploy import MoEDeployConfig, plan, save_deploy
+
+    changes = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
+    _threads(threads)
+    m, tok = load(model, moe=False)
+    check_output(output, overwrite, protect=m.pocketlm_source.inputs)  # fail before the calibration
+    cfg = (MoEDeployConfig.from_record(m.pocketlm_record) or MoEDeployConfig()).merged(
+        **changes, policy=policy, group_size=group_size, calib_samples=calib_samples)
+    cfg = plan(m, tok, cfg)
+    save_deploy(m, tok, cfg, output, overwrite=overwrite)
+    bits = [b for layer in cfg.bits or [] for b in layer]
+    budget = (f"{cfg.resident} resident" if cfg.resident is not None else
+              f"{cfg.expert_memory_mb} MB of experts" if cfg.expert_memory_mb is not None else "all experts resident")
+    out.print(f"wrote {output}: {budget}, {cfg.policy}"
+              + (f", bit plan {bits.count(8)}×8 / {bits.count(4)}×4 bits" if bits else "")
+              + (f", dynamic top-k (top-p {cfg.top_p})" if cfg.top_p else "")
+              + (f", dynamic top-k (threshold {cfg.threshold})" if cfg.threshold is not None else ""))
 
 
 @app.command("moefy")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .cli import _threads, app, out
+from .cli_moe_options import EXPERT_BITS, EXPERT_MEMORY, MOE_THRESHOLD, MOE_TOP_P, RESIDENT, moe_overrides
 from .errors import ConfigError, PocketError
 
 router_app = typer.Typer(no_args_is_help=True, help="Fit the auto-mode router of a chat model.")
@@ -17,7 +18,7 @@ app.add_typer(router_app, name="router")
 
 
 def _dual(model: str, *, mode: str, router: Optional[Path], policy: str, think_budget: Optional[int],
-          repair: bool, threads: Optional[int], dtype: str, device: str, **options):
+          repair: bool, threads: Optional[int], dtype: str, device: str, moe: dict | None = None, **options):
     """Load the model and build its DualSystem (errors in options are raised before the model loads)."""
     from .io import load
     from .runtime import Generator
@@ -32,7 +33,7 @@ def _dual(model: str, *, mode: str, router: Optional[Path], policy: str, think_b
                           "and pass --router ROUTER, or choose --mode fast|slow")
     fitted = Router.load(router) if router is not None else None
     _threads(threads)
-    m, tok = load(model, dtype=dtype, device=device)
+    m, tok = load(model, dtype=dtype, device=device, moe=moe)
     return DualSystem(Generator(m, tok), mode=mode, router=fitted, policy=policy, think_budget=think_budget,
                       repair=RepairConfig() if repair else None, **options)
 
@@ -54,12 +55,19 @@ def chat_cmd(
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
+    resident_experts: Optional[str] = RESIDENT,
+    expert_memory_mb: Optional[float] = EXPERT_MEMORY,
+    expert_bits_mb: Optional[float] = EXPERT_BITS,
+    moe_top_p: Optional[float] = MOE_TOP_P,
+    moe_threshold: Optional[float] = MOE_THRESHOLD,
 ):
     """Chat on stdin: each line is a user turn; answers stream, with the chosen mode and why."""
     import sys
 
+    moe = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
     dual = _dual(model, mode=mode, router=router, policy=policy, think_budget=think_budget, repair=repair,
-                 threads=threads, dtype=dtype, device=device, slow_tokens=max_tokens, budget_fallback=budget_fallback)
+                 threads=threads, dtype=dtype, device=device, moe=moe, slow_tokens=max_tokens,
+                 budget_fallback=budget_fallback)
     err = Console(stderr=True)
     history: list[tuple[str, str]] = []
     for line in sys.stdin:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .cli import _threads, app
-from .cli_moe import _resident
+from .cli_moe_options import EXPERT_BITS, EXPERT_MEMORY, MOE_THRESHOLD, MOE_TOP_P, RESIDENT, moe_overrides
 from .errors import ConfigError, DataError
 
 
@@ -57,8 +57,11 @@ def serve_cmd(
     escalate_model: Optional[str] = typer.Option(None, help="Model name on the escalation server."),
     escalate_api_key: Optional[str] = typer.Option(None, help="API key of the escalation server."),
     escalate_timeout: float = typer.Option(30.0, help="Seconds before a hard request is answered locally."),
-    resident_experts: Optional[str] = typer.Option(None, help="MoE: experts kept in memory, a count or a share."),
-    expert_memory_mb: Optional[float] = typer.Option(None, help="MoE: instead, memory for resident experts, MB."),
+    resident_experts: Optional[str] = RESIDENT,
+    expert_memory_mb: Optional[float] = EXPERT_MEMORY,
+    expert_bits_mb: Optional[float] = EXPERT_BITS,
+    moe_top_p: Optional[float] = MOE_TOP_P,
+    moe_threshold: Optional[float] = MOE_THRESHOLD,
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -74,8 +77,7 @@ def serve_cmd(
     err = Console(stderr=True)
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port", "use 1-65535")
-    if resident_experts is not None and expert_memory_mb is not None:
-        raise ConfigError("both --resident-experts and --expert-memory-mb given", "pass one of them")
+    moe = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
     if router is not None and not router.is_dir():
         raise DataError(f"router '{router}' does not exist", "fit one with `pocketlm router fit MODEL -o DIR`")
     resolve(model)  # a missing model fails here, in one line, before the server starts
@@ -85,8 +87,7 @@ def serve_cmd(
                       thinking_budget=thinking_budget, router=str(router) if router else None,
                       router_policy=router_policy, repair=repair, escalate_to=escalate_to,
                       escalate_model=escalate_model, escalate_api_key=escalate_api_key,
-                      escalate_timeout=escalate_timeout, resident_experts=_resident(resident_experts),
-                      expert_memory_mb=expert_memory_mb)
+                      escalate_timeout=escalate_timeout, moe=moe)
     _threads(threads)
     if not _loopback(host) and not cfg.api_keys:
         err.print(f"[yellow]warning: serving on {host} without --api-key: anyone who reaches it can use it[/yellow]")

@@ -178,7 +178,7 @@ def pick_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
-         allow_download: bool | None = None):
+         allow_download: bool | None = None, moe: dict | bool | None = None, show_progress: bool = True):
     """Load a causal LM and its tokenizer.
 
     Args:
@@ -188,10 +188,15 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
         dtype: float32 (default, an exact baseline on CPU), bfloat16 or float16.
         device: cpu (default), cuda, cuda:N or auto.
         allow_download: download a hub id that is not cached (default: never, see `resolve`).
+        moe: how an MoE model's experts run. None (default): as the artifact's saved MoEDeployConfig
+            says (`pocketlm moe deploy`), if it has one; False: as plain modules, all in memory; a
+            dict of MoEDeployConfig fields: those changed on the saved config (or the default).
+        show_progress: a progress bar for the expert bit plan, when one must be calibrated.
 
     Returns:
-        (model, tokenizer), the model in eval mode. `model.pocketlm_source` is the ModelSource and
-        `model.pocketlm_record` the artifact's pocketlm.json (empty for a plain HF model).
+        (model, tokenizer), the model in eval mode. `model.pocketlm_source` is the ModelSource,
+        `model.pocketlm_record` the artifact's pocketlm.json (empty for a plain HF model) and, for
+        a deployed MoE model, `model.pocketlm_moe` its MoERuntime (cache statistics, `close()`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -212,6 +217,11 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     model.to(device).eval()
     model.pocketlm_source = source
     model.pocketlm_record = record
+    overrides = {k: v for k, v in (moe if isinstance(moe, dict) else {}).items() if v is not None}
+    if moe is not False and (overrides or record.get("moe_deploy")):
+        from .moe.deploy import MoEDeployConfig, deploy, plan
+        cfg = (MoEDeployConfig.from_record(record) or MoEDeployConfig()).merged(**overrides)
+        deploy(model, plan(model, tok, cfg, show_progress))
     return model, tok
 
 
@@ -395,6 +405,7 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         "calibration_hash": calibration_hash or prior.get("calibration_hash"),
         "layer_shapes": prior.get("layer_shapes"),  # set by structured pruning when layers differ
         "moefy": prior.get("moefy"),  # set by moefy: FFNs split into experts with a router
+        "moe_deploy": prior.get("moe_deploy"),  # set by `moe deploy`: how the experts run (restored by load)
         "evaluation": evaluation,
     }
     _quiet_transformers()

@@ -289,3 +289,19 @@ def test_shutdown_drains_requests_in_flight(serve):
     s.server.should_exit = True  # what SIGTERM / Ctrl-C does
     t.join(60)
     assert got["r"].status_code == 200 and got["r"].json()["usage"]["completion_tokens"] == 200
+
+
+def test_moe_with_offloaded_experts_serves_the_all_resident_tokens(serve):
+    """`serve` takes the MoE deployment options; offloading alone keeps the tokens exact."""
+    import pocketlm
+    model, tok = pocketlm.load("moe")
+    expected = [Generator(model, tok).generate(p, 12) for p in PROMPTS[:2]]
+    s = serve(model="moe", parallel=2, repair=False, moe={"resident": 0.25})
+    rt = s.engine.moe
+    assert rt is not None and rt.cache.budget < 0.3 * rt.cache.total_bytes
+    c = client(s)
+    with cf.ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda p: c.completions.create(model="moe", prompt=p, max_tokens=12, temperature=0),
+                            PROMPTS[:2]))
+    assert [g.choices[0].text for g in got] == expected
+    assert rt.cache.stats.misses > 0  # experts really loaded from the store

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..compress.calibration import calibration_tokens, release_freed_memory
+from ..compress.calibration import release_freed_memory
 from ..config import BaseConfig, check, register_config
 from ..eval.data import read_text, token_windows
 from ..eval.efficiency import decode_tok_s, peak_rss_mb, reset_peak_rss
@@ -24,9 +24,8 @@ from ..eval.quality import score_windows
 from ..io import load
 from ..progress import progress_bar
 from ..runtime import Generator
-from .bits import allocate_bits, expert_errors
+from .bits import plan_bits
 from .block import Routing
-from .experts import expert_bytes
 from .runtime import fused_experts, offload_experts, require_moe
 
 
@@ -75,19 +74,6 @@ def _expert_bytes(model) -> tuple[int, int]:
     """Bytes of all experts in bf16 and in the model's own dtype."""
     tensors = [t for _, _, b in require_moe(model) for w in fused_experts(b) for t in w.values()]
     return sum(2 * t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
-
-
-def plan_bits(model, tok, budget_mb: float, group_size: int, samples: int, show_progress: bool = True):
-    """The expert-wise 8/4-bit plan within `budget_mb`, from calibration on the embedded training text."""
-    blocks = require_moe(model)
-    w = fused_experts(blocks[0][2])[0]
-    hidden, inter = w["gate_up"].shape[1], w["down"].shape[1]
-    shape = (len(blocks), len(fused_experts(blocks[0][2])), 2)
-    sizes = torch.tensor([expert_bytes(hidden, inter, b, group_size) for b in (8, 4)]).expand(*shape)
-    allocate_bits(torch.zeros(shape, dtype=torch.float64), sizes, int(budget_mb * 2**20))  # a budget too small fails now
-    tokens, _ = calibration_tokens(tok, samples=samples, seq_len=512)
-    errors, _ = expert_errors(model, tokens, group_size=group_size, show_progress=show_progress)
-    return allocate_bits(errors, sizes, int(budget_mb * 2**20))
 
 
 def run_moe_bench(model_name: str, cfg: MoEBenchConfig = MoEBenchConfig(), *, dtype: str = "float32",

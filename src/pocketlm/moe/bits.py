@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from ..compress.calibration import calibration_tokens
 from ..errors import ConfigError
 from ..progress import progress_bar
-from .experts import Expert, quantize_expert
+from .experts import Expert, expert_bytes, quantize_expert
 from .runtime import fused_experts, require_moe
 
 WIDTHS = (8, 4)
@@ -69,7 +70,7 @@ def allocate_bits(errors: torch.Tensor, sizes: torch.Tensor, budget_bytes: int,
     if total > budget_bytes:
         raise ConfigError(f"a bit budget of {budget_bytes / 2**20:.2f} MB is below the experts at "
                           f"{widths[lowest]} bits ({total / 2**20:.2f} MB)",
-                          f"raise --bits-budget-mb to at least {total / 2**20:.2f}")
+                          f"raise the expert bit budget to at least {total / 2**20:.2f} MB")
     while True:  # best remaining upgrade by error removed per byte; one step up at a time
         j = choice.clamp(min=1) - 1
         gain = errors.gather(2, choice[..., None])[..., 0] - errors.gather(2, j[..., None])[..., 0]
@@ -82,3 +83,16 @@ def allocate_bits(errors: torch.Tensor, sizes: torch.Tensor, budget_bytes: int,
         total += cost[layer, expert].item()
         choice[layer, expert] -= 1
     return [[widths[c] for c in row] for row in choice.tolist()]
+
+
+def plan_bits(model, tok, budget_mb: float, group_size: int, samples: int, show_progress: bool = True):
+    """The expert-wise 8/4-bit plan within `budget_mb`, from calibration on the embedded training text."""
+    blocks = require_moe(model)
+    w = fused_experts(blocks[0][2])[0]
+    hidden, inter = w["gate_up"].shape[1], w["down"].shape[1]
+    shape = (len(blocks), len(fused_experts(blocks[0][2])), 2)
+    sizes = torch.tensor([expert_bytes(hidden, inter, b, group_size) for b in (8, 4)]).expand(*shape)
+    allocate_bits(torch.zeros(shape, dtype=torch.float64), sizes, int(budget_mb * 2**20))  # a budget too small fails now
+    tokens, _ = calibration_tokens(tok, samples=samples, seq_len=512)
+    errors, _ = expert_errors(model, tokens, group_size=group_size, show_progress=show_progress)
+    return allocate_bits(errors, sizes, int(budget_mb * 2**20))

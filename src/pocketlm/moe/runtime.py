@@ -15,6 +15,7 @@ import math
 import shutil
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
@@ -69,7 +70,9 @@ class MoERuntime:
     """The offloaded model's cache, store and MoE blocks; `close()` removes a temporary store."""
 
     def __init__(self, model, blocks: list[MoEBlock], cache: ExpertCache, store_dir: Path, temporary: bool):
-        self.model, self.blocks, self.cache, self.store_dir, self._temporary = model, blocks, cache, store_dir, temporary
+        self.model, self.blocks, self.cache, self.store_dir = model, blocks, cache, store_dir
+        # A runtime that nobody closes (e.g. one `load` restored) still removes its temporary store.
+        self._remove = weakref.finalize(self, shutil.rmtree, store_dir, True) if temporary else None
         self._switch = None
         if cache._pool is not None:
             # The prefetch thread needs the GIL for a moment after each read. At Python's default 5 ms
@@ -96,8 +99,8 @@ class MoERuntime:
             self._switch = None
         self.cache.close()
         self.cache.store.close()
-        if self._temporary:
-            shutil.rmtree(self.store_dir, ignore_errors=True)
+        if self._remove is not None:
+            self._remove()
 
 
 @torch.no_grad()

@@ -26,7 +26,8 @@ class ServeConfig(BaseConfig):
     a fitted router directory (auto mode), router_policy: probe, confidence or both. repair: repetition
     self-repair (on). escalate_to: base URL of an OpenAI-compatible server for hard requests (auto mode),
     escalate_model / escalate_api_key for it, escalate_timeout seconds before answering locally.
-    resident_experts / expert_memory_mb: offload an MoE model's experts under this budget.
+    moe: MoEDeployConfig fields (resident, expert_memory_mb, bits_budget_mb, top_p, threshold, ...)
+    changed on the artifact's saved MoE deployment (see `pocketlm.load`'s moe).
     """
 
     model: str = "tiny"
@@ -48,8 +49,7 @@ class ServeConfig(BaseConfig):
     escalate_model: str | None = None
     escalate_api_key: str | None = None
     escalate_timeout: float = 30.0
-    resident_experts: float | int | None = None
-    expert_memory_mb: float | None = None
+    moe: dict | None = None
     retry_after_s: int = 1
 
     kind: ClassVar[str] = "serve"
@@ -100,10 +100,8 @@ class Engine:
         from ..io import load
         from ..runtime import Generator
         cfg = self.cfg
-        model, tok = load(cfg.model, dtype=cfg.dtype, device=cfg.device)
-        if cfg.resident_experts is not None or cfg.expert_memory_mb is not None:
-            from ..moe.runtime import offload_experts
-            self.moe = offload_experts(model, resident=cfg.resident_experts, expert_memory_mb=cfg.expert_memory_mb)
+        model, tok = load(cfg.model, dtype=cfg.dtype, device=cfg.device, moe=cfg.moe, show_progress=False)
+        self.moe = getattr(model, "pocketlm_moe", None)
         limit = int(getattr(model.config, "max_position_embeddings", 2048))
         ctx = min(cfg.ctx_size or 2048, limit)
         if cfg.ctx_size is not None and cfg.ctx_size > limit:
