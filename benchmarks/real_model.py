@@ -102,7 +102,9 @@ def compress_and_score(label: str, configs: list, args, work: Path, windows, bas
     job = run_job({"configs": configs, "out": str(out), "threads": args.threads, "calib_samples": args.calib_samples})
     model, _ = pocketlm.load(out)
     scores = ppl(model, windows)
+    m = machine()
     row = {"variant": label, "engine": "pocketlm", "size_mb": disk_bytes(out) / 2**20, **job,
+           "ran": {"git": m["git"], "date": m["date"]},
            "ppl": scores, "dppl_pct": {k: 100 * (scores[k] / base[k] - 1) for k in scores}}
     rows.append(row)
     console.print(f"  {label}: ppl {scores} Δ {row['dppl_pct']} in {job['wall_s']:.0f} s, "
@@ -154,6 +156,9 @@ def section_parity(args, work: Path) -> dict:
             "windows": {k: list(w.shape) for k, w in windows.items()}}
 
 
+QUANT_METHODS = ("rtn8", "rtn4", "q41", "gptq", "awq", "mixed", "rtn8f", "gptq8", "rtn4g64", "gptq4g64", "awq4g64")
+
+
 def section_quant(args, work: Path) -> dict:
     import numpy as np
     import pocketlm
@@ -191,9 +196,14 @@ def section_quant(args, work: Path) -> dict:
         (f"mixed 4/8 ≤ Q4_K_M ({sizes['Q4_K_M']:.1f} MB)",
          [("MixedPrecisionConfig", {"max_size_mb": sizes["Q4_K_M"], "candidates": (4, 8), "group_size": 128,
                                     "sensitivity_samples": 1})]),
+        ("RTN int8, head float", [("RTNConfig", {"bits": 8, "head": False})]),
+        ("GPTQ int8", [("GPTQConfig", {"bits": 8, "head": True})]),
+        ("RTN int4 g64", [("RTNConfig", {"bits": 4, "group_size": 64, "head": True})]),
+        ("GPTQ int4 g64", [("GPTQConfig", {"bits": 4, "group_size": 64, "head": True})]),
+        ("AWQ int4 g64", [("AWQConfig", {"bits": 4, "group_size": 64, "head": True})]),
     ]
     keep = args.quant_methods.split(",")
-    for (label, configs), key in zip(jobs, ("rtn8", "rtn4", "q41", "gptq", "awq", "mixed")):
+    for (label, configs), key in zip(jobs, QUANT_METHODS):
         if key not in keep:
             continue
         compress_and_score(label, configs, args, work, windows, base, rows)
@@ -330,7 +340,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=16, help="calibration sequences of 512 tokens")
     ap.add_argument("--kd-minutes", type=float, default=10.0, help="wall-time budget of the KD recovery")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quant-methods", default="rtn8,rtn4,q41,gptq,awq,mixed")
+    ap.add_argument("--quant-methods", default=",".join(QUANT_METHODS),
+                    help="a subset re-runs those rows; the section's other rows stay as last measured")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -342,6 +353,12 @@ def main() -> None:
             t0 = time.perf_counter()
             console.rule(name)
             data = SECTIONS[name](args, Path(tmp))
+            if "rows" in data:  # rows of an earlier run that this one did not repeat stay (each says when it ran)
+                fresh = {r["variant"]: r for r in data["rows"]}
+                before = result["sections"].get(name, {})
+                ran = {k: (before.get("machine") or {}).get(k) for k in ("git", "date")}
+                old = [{"ran": ran, **r} for r in before.get("rows", [])]
+                data["rows"] = [fresh.pop(r["variant"], r) for r in old] + list(fresh.values())
             result["sections"][name] = {**data, "wall_s": time.perf_counter() - t0, "machine": machine(),
                                         "settings": vars(args)}
             out.write_text(json.dumps(result, indent=2, default=str) + "\n")

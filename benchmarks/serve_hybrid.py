@@ -14,7 +14,7 @@ requests its router judges hard to a slow-mode `reasoner` server; then the serve
 Both processes share this machine's cores, so an escalated request's latency here includes no network
 but does include the server competing with the device for CPU.
 
-    python benchmarks/serve_hybrid.py [--items 200] [--dev-items 300] [--concurrency 4] [--threads 2]
+    python benchmarks/serve_hybrid.py [--items 500] [--dev-items 500] [--concurrency 4] [--threads 2]
 """
 from __future__ import annotations
 
@@ -102,8 +102,8 @@ async def run_items(url: str, items: list[dict], concurrency: int, thinking: str
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--items", type=int, default=200, help="arith_test items per run")
-    ap.add_argument("--dev-items", type=int, default=300, help="arith_dev items the router is fitted on")
+    ap.add_argument("--items", type=int, default=500, help="arith_test items per run")
+    ap.add_argument("--dev-items", type=int, default=500, help="arith_dev items the router is fitted on")
     ap.add_argument("--budgets", default="0.3,0.6", help="more operating points: token budgets, share of slow's")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
@@ -140,7 +140,8 @@ def main() -> None:
             finally:
                 proc.terminate()
                 proc.wait(60)
-            record("server slow only (all escalated)", asyncio.run(run_items(server_url, items, args.concurrency)))
+            direct = asyncio.run(run_items(server_url, items, args.concurrency))
+            record("server slow only (all sent to it)", {**direct, "escalated_share": 1.0, "direct": True})
             for label, router in routers.items():
                 proc, url = device(str(router), server_url)
                 try:
