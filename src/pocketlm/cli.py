@@ -365,7 +365,7 @@ def compress_cmd(
         cfg = _quant_config(method, head=head, **quant_options)
     samples = _calib_samples(calib_samples, calib_tokens, calib_len)
     _check_export(export, gguf_type)
-    m, tok = load(model)
+    m, tok = load(model, moe=False)  # a deployed MoE artifact is compressed as plain modules
     check_output(output, overwrite, protect=m.pocketlm_source.inputs)  # fail before the long work
     if export:
         from .gguf_export import auto_qtype, check_exportable, export_gguf

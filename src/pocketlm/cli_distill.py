@@ -70,8 +70,8 @@ def distill_cmd(
     check_output(output, overwrite, protect)  # before the long work
     _threads(threads)
     path, corpus = read_text(text or DEFAULT_CALIB)
-    t_model, t_tok = load(teacher)
-    s_model, s_tok = load(student)
+    t_model, t_tok = load(teacher, moe=False)
+    s_model, s_tok = load(student, moe=False)
     check_same_tokenizer(s_tok, t_tok)
     data = packed_sequences(s_tok, corpus, seq_len)
     result = distill(s_model, t_model, data, cfg, workdir=workdir, resume=resume)
@@ -123,7 +123,7 @@ def search_cmd(
     protocol = EvalProtocol(tokens=tokens, decode_batch_sizes=(1,), repeats=3, threads=threads)
     check_output(output, overwrite, protect=resolve(model).inputs)  # before the long work
     _threads(threads)
-    m, tok = load(model)
+    m, tok = load(model, moe=False)
     result = run_search(m, tok, output, budget, space, protocol=protocol, calib=calib, overwrite=overwrite)
     table = Table(title=f"pocketlm search (≤ {max_size_mb:g} MB" + (f", ≤ {max_latency_ms:g} ms/token" if max_latency_ms
                                                                     else "") + f"): {result['score_formula']}")

@@ -375,6 +375,14 @@ def _source_record(source: ModelSource) -> dict:
     return {"name": source.name, "path": str(source.path), "hash": content_hash(source.path)}
 
 
+def _moe_deploy_record(saved: dict | None, recipe: list[dict]) -> dict | None:
+    """How the experts run (set by `moe deploy`, restored by load). A pass after it changes the weights
+    its bit plan was calibrated on, so the plan is dropped (the next load calibrates a new one)."""
+    if saved and saved.get("bits") and recipe and recipe[-1].get("kind") != saved["kind"]:
+        return {**saved, "bits": None}
+    return saved
+
+
 def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None,
          calibration_hash: str | None = None, evaluation: dict | None = None,
          overwrite: bool = False) -> Path:
@@ -405,9 +413,9 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         "calibration_hash": calibration_hash or prior.get("calibration_hash"),
         "layer_shapes": prior.get("layer_shapes"),  # set by structured pruning when layers differ
         "moefy": prior.get("moefy"),  # set by moefy: FFNs split into experts with a router
-        "moe_deploy": prior.get("moe_deploy"),  # set by `moe deploy`: how the experts run (restored by load)
         "evaluation": evaluation,
     }
+    record["moe_deploy"] = _moe_deploy_record(prior.get("moe_deploy"), record["recipe"])
     _quiet_transformers()
     with atomic_dir(out, overwrite=overwrite, protect=protect) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, state_dict=_own_storage_state_dict(model))

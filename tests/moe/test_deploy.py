@@ -88,3 +88,11 @@ def test_moe_options_bad_input(tmp_path, capsys):
                      "both")
     assert_bad_input(["moe", "deploy", "moe", "-o", str(tmp_path / "x"), "--expert-bits-mb", "0.5"], capsys,
                      tmp_path, "below the experts")
+
+
+def test_a_later_pass_keeps_the_deployment_but_drops_the_stale_bit_plan(deployed, tmp_path, capsys):
+    out, cfg = deployed
+    code, _, err = run(["compress", str(out), "-o", str(tmp_path / "q"), "--method", "rtn", "--bits", "8"], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "q" / "pocketlm.json").read_text())["moe_deploy"]
+    assert record["resident"] == cfg.resident and record["bits_budget_mb"] == 6 and record["bits"] is None

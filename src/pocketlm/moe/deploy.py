@@ -15,8 +15,8 @@ import dataclasses
 from typing import ClassVar
 
 from ..config import BaseConfig, check, config_from_dict, register_config
-from .block import Routing
 from ..errors import ConfigError, CorruptModelError
+from .block import Routing
 from .runtime import MoERuntime, offload_experts, require_moe
 
 RECORD_KEY = "moe_deploy"  # in pocketlm.json

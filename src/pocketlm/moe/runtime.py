@@ -71,6 +71,7 @@ class MoERuntime:
 
     def __init__(self, model, blocks: list[MoEBlock], cache: ExpertCache, store_dir: Path, temporary: bool):
         self.model, self.blocks, self.cache, self.store_dir = model, blocks, cache, store_dir
+        self.config = None  # the MoEDeployConfig, when `moe.deploy.deploy` made it
         # A runtime that nobody closes (e.g. one `load` restored) still removes its temporary store.
         self._remove = weakref.finalize(self, shutil.rmtree, store_dir, True) if temporary else None
         self._switch = None
