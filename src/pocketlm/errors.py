@@ -37,3 +37,7 @@ class ConfigError(PocketError):
 
 class OutputExistsError(PocketError):
     """The output path exists and overwriting was not asked for, or it would overwrite an input."""
+
+
+class IntegrityError(PocketError):
+    """A package or installed model that fails its signature, hash, version or base check."""

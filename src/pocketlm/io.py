@@ -45,7 +45,8 @@ class ModelSource:
 
 def resolve(name_or_path: str | os.PathLike, allow_download: bool | None = None) -> ModelSource:
     """Find the model directory for an embedded name, a packaged real model (`smollm2`), a local
-    directory, a GGUF file (or a directory holding one), or a hub id in the local Hugging Face cache.
+    directory, a GGUF file (or a directory holding one), an install directory of `pocketlm install`
+    (its active version, verified), or a hub id in the local Hugging Face cache.
 
     allow_download: fetch a hub id that is not cached (default: no, unless $POCKETLM_ALLOW_DOWNLOAD=1).
     """
@@ -59,6 +60,9 @@ def resolve(name_or_path: str | os.PathLike, allow_download: bool | None = None)
         cache, info = converted(gguf_file)
         return ModelSource(name, cache, info)
     if path.is_dir():
+        from .fleet.install import is_install_dir, verify_install
+        if is_install_dir(path):  # a device install: its active version, after its signature and hashes check
+            return ModelSource(name, Path(verify_install(path, tensors=False)["path"]))
         return ModelSource(name, path.resolve())
     if name in EMBEDDED_MODELS:
         return ModelSource(name, ASSETS / "models" / name)
