@@ -232,3 +232,20 @@ def test_a_package_signed_by_another_key_is_refused_on_a_new_device(release, tmp
     with pytest.raises(IntegrityError, match="signature of package 'v1.pkg' does not verify"):
         inst.install(release["pkg"]["1"], tmp_path / "new", release["other_pub"])
     assert not (tmp_path / "new" / "active").exists()
+
+
+def test_a_delta_carries_only_the_changed_slices_of_a_large_tensor(release, tmp_path):
+    """E.g. two retrained experts of a fused expert tensor: only their slices travel."""
+    v2 = tmp_path / "rows"
+    shutil.copytree(release["arts"]["1"], v2)
+    st = load_file(v2 / "model.safetensors")
+    st["model.embed_tokens.weight"][:3] += 0.5  # three rows: one 64 KiB slice
+    save_file(st, v2 / "model.safetensors", metadata={"format": "pt"})
+    package.pack(v2, tmp_path / "rows.pkg", release["priv"], version="2")
+    package.diff(release["pkg"]["1"], tmp_path / "rows.pkg", tmp_path / "rows.delta", release["priv"])
+    with package.Package(tmp_path / "rows.delta", release["pub"]) as d:
+        assert [n for n in d.members if n.startswith(("chunk/", "tensor/"))] == \
+            ["chunk/model.safetensors:model.embed_tokens.weight/0"]
+    root = installed(tmp_path, release)
+    inst.install(tmp_path / "rows.delta", root, release["pub"])
+    assert (root / "versions" / "2" / "model.safetensors").read_bytes() == (v2 / "model.safetensors").read_bytes()

@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import ConfigError, DataError, IntegrityError
 from ..io import atomic_write_text
 from . import keys
-from .manifest import manifest_hash, verify_files
+from .manifest import TENSOR_CHUNK, manifest_hash, verify_files
 from .package import CHUNK, Package, parse_version
 
 ACTIVE, HISTORY, TRUSTED, VERSIONS = "active", "history.json", "trusted.pub", "versions"
@@ -148,22 +148,36 @@ def _rebuild(pkg: Package, staging: Path, base_dir: Path | None) -> None:
             with open(dst, "wb") as out:
                 out.write(pkg.read_all(f"header/{rel}"))
                 for t in tensors:
-                    key = f"{rel}:{t['name']}"
-                    if f"tensor/{key}" in pkg.members:
-                        out.write(pkg.read_all(f"tensor/{key}"))
-                    else:
-                        src = by_hash.get(t["sha256"])
-                        if src is None:
-                            raise IntegrityError(f"tensor {key} is neither in the delta nor in the base",
-                                                 "install the full package")
-                        with open(base_dir / src["file"], "rb") as f:
-                            f.seek(src["start"])
-                            out.write(f.read(src["end"] - src["start"]))
+                    out.write(_tensor_bytes(pkg, f"{rel}:{t['name']}", t, base_dir, base_m, by_hash))
         elif base_m is not None and base_m["files"].get(rel, {}).get("sha256") == entry["sha256"]:
             shutil.copyfile(base_dir / rel, dst)
         else:
             raise IntegrityError(f"file {rel} is neither in the package nor unchanged in the base",
                                  "install the full package")
+
+
+def _tensor_bytes(pkg: Package, key: str, t: dict, base_dir: Path | None, base_m: dict | None,
+                  by_hash: dict) -> bytes:
+    """A tensor of the new version: carried whole, or the base's bytes (the same tensor anywhere in the
+    base, or this key's old bytes with the carried slices patched in)."""
+    if f"tensor/{key}" in pkg.members:
+        return pkg.read_all(f"tensor/{key}")
+    src = by_hash.get(t["sha256"])
+    patched = src is None
+    if patched:
+        src = (base_m or {"tensors": {}})["tensors"].get(key)
+        if src is None:
+            raise IntegrityError(f"tensor {key} is neither in the delta nor in the base", "install the full package")
+    with open(base_dir / src["file"], "rb") as f:
+        f.seek(src["start"])
+        data = bytearray(f.read(src["end"] - src["start"]))
+    if patched:
+        prefix = f"chunk/{key}/"
+        for name in (n for n in pkg.members if n.startswith(prefix)):
+            at = int(name[len(prefix):]) * TENSOR_CHUNK
+            piece = pkg.read_all(name)
+            data[at:at + len(piece)] = piece
+    return bytes(data)
 
 
 def _fsync_tree(root: Path) -> None:

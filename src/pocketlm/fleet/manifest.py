@@ -17,6 +17,7 @@ from ..errors import CorruptModelError
 
 FORMAT = "pocketlm-manifest/1"
 CHUNK = 1 << 22
+TENSOR_CHUNK = 1 << 16  # delta granularity inside a tensor (an expert slice is a multiple of it)
 SKIP = {"manifest.json", "manifest.sig"}
 
 
@@ -49,15 +50,20 @@ def safetensors_header(path: Path) -> tuple[int, dict]:
 
 
 def tensor_entries(path: Path, rel: str) -> dict[str, dict]:
+    """Per tensor: dtype, shape, byte range, sha256, and the sha256 of each TENSOR_CHUNK-byte slice (so a
+    delta carries only the slices that changed, e.g. the retrained experts of a fused expert tensor)."""
     base, header = safetensors_header(path)
     out = {}
     with open(path, "rb") as f:
         for name, t in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             start, end = base + t["data_offsets"][0], base + t["data_offsets"][1]
             f.seek(start)
-            h = hashlib.sha256(f.read(end - start)).hexdigest()
+            data = f.read(end - start)
+            chunks = [hashlib.sha256(data[i:i + TENSOR_CHUNK]).hexdigest()[:32]
+                      for i in range(0, len(data), TENSOR_CHUNK)] if len(data) > TENSOR_CHUNK else []
             out[f"{rel}:{name}"] = {"file": rel, "name": name, "dtype": t["dtype"], "shape": t["shape"],
-                                    "start": start, "end": end, "sha256": h}
+                                    "start": start, "end": end, "sha256": hashlib.sha256(data).hexdigest(),
+                                    "chunks": chunks}
     return out
 
 

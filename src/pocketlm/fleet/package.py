@@ -6,7 +6,8 @@ A package is one uncompressed tar file:
     manifest.sig    Ed25519 signature of manifest.json's exact bytes
     data/REL        a whole file (full packages: every file; deltas: new or changed non-tensor files)
     header/REL      deltas: the new header bytes of a safetensors file the base also has ...
-    tensor/KEY      ... and the bytes of each of its tensors whose hash changed (KEY = REL:name)
+    tensor/KEY      ... the bytes of each of its tensors whose hash changed (KEY = REL:name) ...
+    chunk/KEY/I     ... or, for a tensor of unchanged size, only its changed 64 KiB slices
 
 With an encryption key every member but the manifest and signature is AES-256-GCM in 4 MiB chunks:
 an 8-byte random prefix, then each chunk sealed with nonce = prefix + chunk index and associated data
@@ -25,7 +26,7 @@ from typing import BinaryIO, Iterator
 from ..errors import ConfigError, DataError, IntegrityError
 from ..io import atomic_write_path
 from . import keys
-from .manifest import build_manifest, canonical, manifest_hash
+from .manifest import TENSOR_CHUNK, build_manifest, canonical, manifest_hash
 
 CHUNK = 4 << 20
 TAG = 16
@@ -190,6 +191,11 @@ def diff(old: str | Path, new: str | Path, out: str | Path, key_path: str | Path
             for key in plan["tensors"]:
                 t = target["tensors"][key]
                 w.add_bytes(f"tensor/{key}", b.read_range(f"data/{t['file']}", t["start"], t["end"]))
+            for key, i in plan["chunks"]:
+                t = target["tensors"][key]
+                start = t["start"] + i * TENSOR_CHUNK
+                w.add_bytes(f"chunk/{key}/{i}", b.read_range(f"data/{t['file']}", start,
+                                                              min(start + TENSOR_CHUNK, t["end"])))
         _write_package(Path(out), manifest, signing_key, encrypt_key, members)
     return manifest
 
@@ -201,8 +207,9 @@ def build_manifest_from(target: dict, base: dict) -> dict:
 
 def delta_plan(base: dict, target: dict) -> dict:
     """What a delta must carry: whole files (new, or changed and not rebuildable from tensors),
-    safetensors headers and the changed tensors of files rebuilt from the base."""
-    files, headers, tensors = [], [], []
+    safetensors headers, the changed tensors of files rebuilt from the base, and for a changed tensor
+    of the same size, only its changed TENSOR_CHUNK slices (as (tensor key, slice index))."""
+    files, headers, tensors, chunks = [], [], [], []
     base_tensors = {t["sha256"] for t in base["tensors"].values()}
     for rel, entry in target["files"].items():
         old = base["files"].get(rel)
@@ -215,8 +222,16 @@ def delta_plan(base: dict, target: dict) -> dict:
             files.append(rel)
             continue
         headers.append(rel)
-        tensors += [f"{rel}:{t['name']}" for t in mine if t["sha256"] not in base_tensors]
-    return {"files": files, "headers": headers, "tensors": tensors}
+        for t in mine:
+            if t["sha256"] in base_tensors:
+                continue
+            key, was = f"{rel}:{t['name']}", base["tensors"].get(f"{rel}:{t['name']}")
+            if was is not None and t["chunks"] and len(was.get("chunks", [])) == len(t["chunks"]) \
+                    and was["end"] - was["start"] == t["end"] - t["start"]:
+                chunks += [(key, i) for i, (a, b) in enumerate(zip(was["chunks"], t["chunks"])) if a != b]
+            else:
+                tensors.append(key)
+    return {"files": files, "headers": headers, "tensors": tensors, "chunks": chunks}
 
 
 # ---- reading ---------------------------------------------------------------------------------------
