@@ -62,6 +62,12 @@ def serve_cmd(
     expert_bits_mb: Optional[float] = EXPERT_BITS,
     moe_top_p: Optional[float] = MOE_TOP_P,
     moe_threshold: Optional[float] = MOE_THRESHOLD,
+    shadow: Optional[str] = typer.Option(None, help="A candidate model that answers every request too, for "
+                                         "comparison only (see --shadow-log and /metrics)."),
+    shadow_log: Optional[Path] = typer.Option(None, help="JSONL file: each shadowed request's two answers, "
+                                              "agreement and latencies."),
+    canary: Optional[str] = typer.Option(None, help="A candidate model that answers --canary-share of the requests."),
+    canary_share: float = typer.Option(0.1, help="Share of requests the --canary model answers."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -78,6 +84,11 @@ def serve_cmd(
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port", "use 1-65535")
     moe = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
+    if shadow is not None and canary is not None:
+        raise ConfigError("both --shadow and --canary given", "run one pilot at a time")
+    for pilot in (shadow, canary):
+        if pilot is not None:
+            resolve(pilot)
     if router is not None and not router.is_dir():
         raise DataError(f"router '{router}' does not exist", "fit one with `pocketlm router fit MODEL -o DIR`")
     resolve(model)  # a missing model fails here, in one line, before the server starts
@@ -87,7 +98,9 @@ def serve_cmd(
                       thinking_budget=thinking_budget, router=str(router) if router else None,
                       router_policy=router_policy, repair=repair, escalate_to=escalate_to,
                       escalate_model=escalate_model, escalate_api_key=escalate_api_key,
-                      escalate_timeout=escalate_timeout, moe=moe)
+                      escalate_timeout=escalate_timeout, moe=moe, candidate=shadow or canary,
+                      shadow=shadow is not None, shadow_log=str(shadow_log) if shadow_log else None,
+                      canary_share=canary_share if canary else 0.0)
     _threads(threads)
     if not _loopback(host) and not cfg.api_keys:
         err.print(f"[yellow]warning: serving on {host} without --api-key: anyone who reaches it can use it[/yellow]")

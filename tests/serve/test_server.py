@@ -2,6 +2,7 @@
 import concurrent.futures as cf
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -305,3 +306,36 @@ def test_moe_with_offloaded_experts_serves_the_all_resident_tokens(serve):
                             PROMPTS[:2]))
     assert [g.choices[0].text for g in got] == expected
     assert rt.cache.stats.misses > 0  # experts really loaded from the store
+
+
+def test_shadow_compares_the_candidate_without_changing_answers(serve, tiny, tmp_path):
+    log = tmp_path / "shadow.jsonl"
+    s = serve(model="tiny", candidate="tiny", shadow=True, shadow_log=str(log), repair=False)
+    deadline = time.time() + 60
+    while s.app.state.candidate.state != "ready":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    c = client(s)
+    expected = Generator(*tiny).generate(PROMPTS[0], 8)
+    whole = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="tiny", prompt=PROMPTS[1], max_tokens=8, temperature=0, stream=True) if ch.choices)
+    assert whole.choices[0].text == expected and "served_by" not in whole.pocketlm
+    while len(log.read_text().splitlines() if log.exists() else []) < 2:
+        assert time.time() < deadline, "the shadow answers were not logged"
+        time.sleep(0.05)
+    rows = [json.loads(x) for x in log.read_text().splitlines()]
+    assert {r["incumbent"] for r in rows} == {expected, streamed}
+    assert all(r["agreement"] == "match" and r["candidate"] == r["incumbent"] for r in rows)  # the same model
+    assert metric(s, 'pocketlm:candidate_requests_total{agreement="match",role="shadow"}') == 2
+
+
+def test_canary_share_routes_requests_to_the_candidate(serve):
+    s = serve(model="tiny", candidate="tiny", canary_share=1.0, repair=False)
+    deadline = time.time() + 60
+    while s.app.state.candidate.state != "ready":
+        assert time.time() < deadline
+        time.sleep(0.05)
+    r = client(s).completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+    assert r.pocketlm["served_by"] == "candidate" and r.usage.completion_tokens == 4
+    assert metric(s, 'pocketlm:candidate_requests_total{agreement="-",role="canary"}') == 1

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
+import random
+import threading
+import time
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -29,15 +33,24 @@ OPEN_PATHS = ("/health",)  # answered without an API key (load balancers probe i
 def create_app(cfg: ServeConfig) -> FastAPI:
     metrics = Metrics()
     engine = Engine(cfg, metrics)
+    # the pilot's engine has its own metrics registry: /metrics reports the incumbent and the pilot's counters
+    candidate = None if cfg.candidate is None else Engine(
+        dataclasses.replace(cfg, model=cfg.candidate, model_id=engine.model_id, candidate=None, shadow=False,
+                            canary_share=0.0, moe=None), Metrics())
+    shadow_log = ShadowLog(cfg.shadow_log) if cfg.shadow and cfg.shadow_log else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start_loading()
+        loading = engine.start_loading()
+        if candidate is not None:
+            candidate.start_loading(after=loading)
         yield
         await asyncio.to_thread(engine.close)
+        if candidate is not None:
+            await asyncio.to_thread(candidate.close)
 
     app = FastAPI(title="pocketlm", lifespan=lifespan)
-    app.state.engine, app.state.metrics = engine, metrics
+    app.state.engine, app.state.metrics, app.state.candidate = engine, metrics, candidate
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -57,6 +70,8 @@ def create_app(cfg: ServeConfig) -> FastAPI:
             body["error"] = engine.error
         if engine.scheduler is not None:
             body.update(engine.scheduler.load())
+        if candidate is not None:
+            body["candidate"] = {"model": cfg.candidate, "state": candidate.state, "error": candidate.error}
         return JSONResponse(body, status_code=status)
 
     @app.get("/metrics")
@@ -69,30 +84,42 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                                             "created": 0}]}
 
     async def handle(request: Request, build, chat: bool):
-        """Read and check a completion request, build its Job with `build(body)`, and run it."""
+        """Read and check a completion request, build its Job with `build(engine, body)`, and run it on the
+        incumbent (or, for a canary share, on the candidate); with --shadow the candidate answers it too."""
         try:
             body = await _body(request, cfg.max_body_bytes)
             engine.check_ready()
             _check_model(body, engine)
             opts = P.common(body)
-            job = build(body)
+            canary = (candidate is not None and cfg.canary_share > 0 and candidate.state == "ready"
+                      and random.random() < cfg.canary_share)
+            target = candidate if canary else engine
+            job = build(target, body)
         except (P.RequestError, PocketError) as e:  # a PocketError here is a config check of the request's values
             metrics.count("invalid")
             return _error(e if isinstance(e, P.RequestError) else P.bad(str(e)))
-        return await _run(request, engine, job, body, opts, chat=chat)
+        if canary:
+            metrics.candidate.labels("canary", "-").inc()
+        on_done = None
+        if cfg.shadow and candidate is not None and candidate.state == "ready":
+            def on_done(text: str, seconds: float) -> None:  # the incumbent's answer is out: now the candidate's
+                asyncio.get_running_loop().create_task(
+                    _shadow(candidate, build, body, text, seconds, metrics, shadow_log))
+        return await _run(request, target, job, body, opts, chat=chat, tags={"served_by": "candidate"} if canary
+                          else {}, on_done=on_done)
 
-    def chat_job(body: dict) -> Job:
+    def chat_job(eng: Engine, body: dict) -> Job:
         mode, budget, source = P.thinking(body)
         top = P.number(body, "top_logprobs", 0, int, lo=0, hi=5)
-        return engine.chat_job(P.messages(body), P.max_tokens(body, cfg.max_tokens_limit), mode, budget, source,
-                               sampling=P.sampling(body), stop_strings=P.stops(body), top_logprobs=top,
-                               want_logprobs=body.get("logprobs", False) is True or top > 0)
+        return eng.chat_job(P.messages(body), P.max_tokens(body, cfg.max_tokens_limit), mode, budget, source,
+                            sampling=P.sampling(body), stop_strings=P.stops(body), top_logprobs=top,
+                            want_logprobs=body.get("logprobs", False) is True or top > 0)
 
-    def completion_job(body: dict) -> Job:
-        return engine.completion_job(P.completion_prompt(body, engine.tok), P.max_tokens(body, cfg.max_tokens_limit),
-                                     sampling=P.sampling(body), stop_strings=P.stops(body),
-                                     top_logprobs=P.number(body, "logprobs", 0, int, lo=0, hi=5),
-                                     want_logprobs=body.get("logprobs") is not None)
+    def completion_job(eng: Engine, body: dict) -> Job:
+        return eng.completion_job(P.completion_prompt(body, eng.tok), P.max_tokens(body, cfg.max_tokens_limit),
+                                  sampling=P.sampling(body), stop_strings=P.stops(body),
+                                  top_logprobs=P.number(body, "logprobs", 0, int, lo=0, hi=5),
+                                  want_logprobs=body.get("logprobs") is not None)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -107,7 +134,11 @@ def create_app(cfg: ServeConfig) -> FastAPI:
 
 # ---- running one request ----------------------------------------------------------------------
 
-async def _run(request: Request, engine: Engine, job: Job, body: dict, opts: dict, *, chat: bool):
+async def _run(request: Request, engine: Engine, job: Job, body: dict, opts: dict, *, chat: bool,
+               tags: dict | None = None, on_done=None):
+    """tags: fields added to the response's "pocketlm" object; on_done(text, seconds): called with the
+    answer's text once it is complete (not for failed, cancelled or escalated requests)."""
+    started = time.perf_counter()
     events = _attach(job)
     try:
         engine.scheduler.submit(job)
@@ -117,10 +148,11 @@ async def _run(request: Request, engine: Engine, job: Job, body: dict, opts: dic
                                      headers={"Retry-After": str(engine.cfg.retry_after_s)}))
     rid = P.new_id("chatcmpl" if chat else "cmpl")
     if opts["stream"]:
-        return StreamingResponse(_stream(request, engine, job, events, body, rid, chat, opts["include_usage"]),
+        return StreamingResponse(_stream(request, engine, job, events, body, rid, chat, opts["include_usage"],
+                                         dict(tags or {}), on_done, started),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     parts = {"content": [], "think": []}
-    pieces, extra, done = [], {}, None
+    pieces, extra, done = [], dict(tags or {}), None
     try:
         async for kind, data in _events(request, engine, job, events, body, extra):
             if kind in parts:
@@ -137,6 +169,8 @@ async def _run(request: Request, engine: Engine, job: Job, body: dict, opts: dic
         return Response(status_code=499)
     extra.update({k: done[k] for k in DONE_FIELDS})
     extra.setdefault("answered_by", "local")
+    if on_done is not None:
+        on_done("".join(parts["content"]), time.perf_counter() - started)
     model = engine.model_id
     if chat:
         lps = [P.chat_logprob(engine.tok, p) for p in pieces] if job.want_logprobs else None
@@ -148,13 +182,15 @@ async def _run(request: Request, engine: Engine, job: Job, body: dict, opts: dic
 
 
 async def _stream(request, engine: Engine, job: Job, events, body, rid: str, chat: bool,
-                  include_usage: bool) -> AsyncIterator[str]:
-    model, extra = engine.model_id, {}
+                  include_usage: bool, extra: dict, on_done, started: float) -> AsyncIterator[str]:
+    model, text = engine.model_id, []
     try:
         if chat:
             yield _sse(P.chat_chunk(rid, model, {"role": "assistant", "content": ""}))
         async for kind, data in _events(request, engine, job, events, body, extra):
             if kind in ("content", "think") and data["text"]:
+                if kind == "content":
+                    text.append(data["text"])
                 lp = None
                 if job.want_logprobs and data.get("token") is not None:
                     lp = [P.chat_logprob(engine.tok, data)] if chat else P.text_logprobs(engine.tok, [data])
@@ -176,6 +212,8 @@ async def _stream(request, engine: Engine, job: Job, events, body, rid: str, cha
             elif kind == "done":
                 extra.update({k: data[k] for k in DONE_FIELDS})
                 extra.setdefault("answered_by", "local")
+                if on_done is not None:
+                    on_done("".join(text), time.perf_counter() - started)
                 last = (P.chat_chunk(rid, model, {}, data["finish_reason"]) if chat
                         else P.text_chunk(rid, model, "", data["finish_reason"]))
                 yield _sse({**last, "pocketlm": extra})
@@ -188,6 +226,51 @@ async def _stream(request, engine: Engine, job: Job, events, body, rid: str, cha
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled = True  # a no-op when it finished; frees the slot when the client went away
+
+
+async def _shadow(candidate: Engine, build, body: dict, incumbent_text: str, incumbent_s: float, metrics: Metrics,
+                  log: "ShadowLog | None") -> None:
+    """The candidate's answer to a request the incumbent answered: compared, counted, logged; never sent."""
+    t0 = time.perf_counter()
+    try:
+        job = build(candidate, body)
+        queue = _attach(job)
+        candidate.scheduler.submit(job)
+    except QueueFull:
+        metrics.candidate.labels("shadow", "skipped").inc()
+        return
+    except Exception:  # noqa: BLE001  (the candidate's failure never touches the served answer)
+        metrics.candidate.labels("shadow", "error").inc()
+        return
+    text = []
+    while True:
+        kind, data = await queue.get()
+        if kind == "content":
+            text.append(data["text"])
+        elif kind in ("done", "error", "hard"):
+            break
+    if kind != "done":
+        job.cancelled = True
+        metrics.candidate.labels("shadow", "error").inc()
+        return
+    answer = "".join(text)
+    agreement = "match" if answer == incumbent_text else "differ"
+    metrics.candidate.labels("shadow", agreement).inc()
+    if log is not None:
+        log.write({"time": time.time(), "agreement": agreement, "incumbent": incumbent_text, "candidate": answer,
+                   "latency_ms": {"incumbent": incumbent_s * 1000, "candidate": (time.perf_counter() - t0) * 1000}})
+
+
+class ShadowLog:
+    """Appends one JSON line per shadowed request (lines are whole: one write under a lock)."""
+
+    def __init__(self, path: str):
+        self.path, self._lock = path, threading.Lock()
+
+    def write(self, row: dict) -> None:
+        line = json.dumps(row) + "\n"
+        with self._lock, open(self.path, "a") as f:
+            f.write(line)
 
 
 class _Failed(Exception):

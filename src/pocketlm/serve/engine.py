@@ -28,6 +28,9 @@ class ServeConfig(BaseConfig):
     escalate_model / escalate_api_key for it, escalate_timeout seconds before answering locally.
     moe: MoEDeployConfig fields (resident, expert_memory_mb, bits_budget_mb, top_p, threshold, ...)
     changed on the artifact's saved MoE deployment (see `pocketlm.load`'s moe).
+    candidate: a second model served beside this one: with `shadow` it answers every request too, for
+    comparison only (each pair logged to `shadow_log` as JSONL); with `canary_share` it answers that
+    share of the requests itself.
     """
 
     model: str = "tiny"
@@ -50,6 +53,10 @@ class ServeConfig(BaseConfig):
     escalate_api_key: str | None = None
     escalate_timeout: float = 30.0
     moe: dict | None = None
+    candidate: str | None = None
+    canary_share: float = 0.0
+    shadow: bool = False
+    shadow_log: str | None = None
     retry_after_s: int = 1
 
     kind: ClassVar[str] = "serve"
@@ -68,6 +75,10 @@ class ServeConfig(BaseConfig):
         check(self.thinking_budget is None or self.thinking_budget >= 0, "--thinking-budget is negative",
               "use 0 or more tokens")
         check(self.escalate_timeout > 0, "--escalate-timeout is not positive", "use a number of seconds above 0")
+        check(0 <= self.canary_share <= 1, f"--canary-share {self.canary_share} is outside [0, 1]", "use e.g. 0.1")
+        check(self.candidate is not None or (not self.shadow and not self.canary_share),
+              "shadow or canary without a candidate model", "pass --shadow MODEL or --canary MODEL")
+        check(not (self.shadow and self.canary_share), "both --shadow and --canary given", "run one pilot at a time")
         check(all(self.api_keys), "an API key is empty", "give non-empty keys")
         check(self.escalate_to is None or self.escalate_to.startswith(("http://", "https://")),
               f"--escalate-to '{self.escalate_to}' is not an http(s) URL", "pass e.g. http://server:8000/v1")
@@ -83,8 +94,14 @@ class Engine:
         self.scheduler: Scheduler | None = None
         self.moe = None
 
-    def start_loading(self) -> threading.Thread:
-        t = threading.Thread(target=self._load_safely, name="pocketlm-load", daemon=True)
+    def start_loading(self, after: threading.Thread | None = None) -> threading.Thread:
+        """Load in a background thread, once `after` (another engine's load) has finished: transformers'
+        model construction is not safe to run in two threads at once."""
+        def run() -> None:
+            if after is not None:
+                after.join()
+            self._load_safely()
+        t = threading.Thread(target=run, name="pocketlm-load", daemon=True)
         t.start()
         return t
 

@@ -37,6 +37,10 @@ class Metrics:
         self.requests = Counter("pocketlm:requests", "Finished requests by outcome.", ["outcome"], registry=r)
         self.escalations = Counter("pocketlm:escalations", "Requests sent to the --escalate-to server, by outcome "
                                    "(ok, fallback: answered locally after the remote failed).", ["outcome"], registry=r)
+        self.candidate = Counter("pocketlm:candidate_requests", "Requests the --canary / --shadow candidate answered, "
+                                 "by role (canary: its answer was sent; shadow: compared only) and agreement with "
+                                 "the incumbent (match, differ; skipped: its queue was full; error).",
+                                 ["role", "agreement"], registry=r)
         self._busy_sum = 0
         self._decodes = 0
         self._prompt = [0, 0.0]
