@@ -50,6 +50,10 @@ def eval_cmd(
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
     label: Optional[str] = typer.Option(None, help="Name in tables and plots."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the EvalReport JSON here."),
+    gates: Optional[Path] = typer.Option(None, help="Acceptance gates (YAML) the report must pass (exit 1 if not), "
+                                         "e.g. 'quality.ppl <= 1.02 * incumbent'."),
+    incumbent: Optional[Path] = typer.Option(None, help="EvalReport JSON of the model in service, for gates that "
+                                             "compare against it."),
     resident_experts: Optional[str] = RESIDENT,
     expert_memory_mb: Optional[float] = EXPERT_MEMORY,
     expert_bits_mb: Optional[float] = EXPERT_BITS,
@@ -66,12 +70,24 @@ def eval_cmd(
                             speed=not no_speed, decode_batch_sizes=_batch_sizes(batch_sizes), repeats=repeats,
                             threads=threads, engine=engine, compile=compile, watts_per_core=watts_per_core)
     moe = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
+    checks = None
+    if gates is not None:
+        from .fleet.gates import load_gates, read_report
+        checks = (load_gates(gates), read_report(incumbent) if incumbent else None)  # bad files fail before the work
     m, tok = load(model, dtype=dtype, device=device, moe=moe)
     report = evaluate(m, tok, protocol, baseline=baseline, baseline_dtype=baseline_dtype, label=label)
     out.print(render_table([report.to_dict()]))
     if json_out:
         report.save(json_out)
         out.print(f"wrote {json_out}")
+    if checks is not None:
+        from .cli_fleet import gate_table
+        from .fleet.gates import check_gates
+        passed, results = check_gates({"candidate": report.to_dict(), "incumbent": checks[1]}, checks[0])
+        out.print(gate_table(results))
+        if not passed:
+            out.print("gates FAILED")
+            raise typer.Exit(1)
 
 
 def _threads(threads: Optional[int]) -> None:

@@ -103,6 +103,8 @@ def search_cmd(
     kd_steps: int = typer.Option(100, help="KD recovery steps after each pruning (0: none)."),
     tokens: int = typer.Option(32768, help="Test-text tokens each candidate's perplexity is measured on."),
     calib: Optional[Path] = typer.Option(None, help="Calibration and KD text (default: embedded train slice)."),
+    gates: Optional[Path] = typer.Option(None, help="Quality floor: acceptance gates (YAML) every chosen candidate's "
+                                         "EvalReport passes, e.g. 'quality.ppl <= 1.05 * incumbent' (the original)."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
 ):
@@ -114,7 +116,9 @@ def search_cmd(
     from .eval.protocol import EvalProtocol
     from .io import check_output, load, resolve
 
-    budget = SearchBudget(max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, w_time=w_time, w_energy=w_energy)
+    from .fleet.gates import load_gates
+    budget = SearchBudget(max_size_mb=max_size_mb, max_latency_ms=max_latency_ms, w_time=w_time, w_energy=w_energy,
+                          gates=tuple(g.text for g in load_gates(gates)) if gates else ())
     if kd_steps < 0:
         raise ConfigError(f"--kd-steps {kd_steps} is negative", "use 0 (no recovery) or more")
     space = SearchSpace(prune_ratios=_floats(prune_ratios, "--prune-ratios"),

@@ -126,7 +126,7 @@ def shadow_cmd(incumbent: str = typer.Option(..., help="Model now in service (di
     out.print(f"wrote {output}")
 
 
-def _gate_table(results) -> Table:
+def gate_table(results) -> Table:
     table = Table(title="acceptance gates")
     for c in ("gate", "value", "threshold", "result"):
         table.add_column(c, justify="left" if c == "gate" else "right")
@@ -140,7 +140,7 @@ def _gate_table(results) -> Table:
 def _check(report: Path, gates: Path) -> bool:
     from .fleet.gates import check_gates, load_gates, read_report
     passed, results = check_gates(read_report(report), load_gates(gates))
-    out.print(_gate_table(results))
+    out.print(gate_table(results))
     return passed
 
 

@@ -79,3 +79,22 @@ def test_bad_requests_files(tmp_path):
         read_requests(tmp_path / "bad.jsonl")
     with pytest.raises(DataError, match="cannot be read"):
         read_requests(tmp_path / "missing.jsonl")
+
+
+def test_eval_and_search_take_the_same_gates(tmp_path, capsys):
+    from pocketlm.compress.search import SearchBudget
+    from pocketlm.errors import ConfigError
+    report = tmp_path / "tiny.json"
+    code, out, err = run(["eval", "tiny", "--tokens", "1024", "--no-speed", "--json", str(report)], capsys)
+    assert code == 0, err
+    ok, bad = tmp_path / "ok.yaml", tmp_path / "bad.yaml"
+    ok.write_text("- quality.ppl <= 1.0 * incumbent\n- quality.ppl > 1\n")
+    bad.write_text("- quality.ppl < 0.9 * incumbent\n")
+    base = ["eval", "tiny", "--tokens", "1024", "--no-speed", "--incumbent", str(report), "--gates"]
+    code, out, err = run([*base, str(ok)], capsys)
+    assert code == 0 and "FAIL" not in out, err
+    code, out, err = run([*base, str(bad)], capsys)
+    assert code == 1 and "gates FAILED" in out
+    assert SearchBudget(max_size_mb=8, gates=("quality.kl <= 0.05",)).parsed_gates()[0].metric == "quality.kl"
+    with pytest.raises(ConfigError, match="not allowed"):
+        SearchBudget(max_size_mb=8, gates=("quality.ppl <= incumbent ** 2",))

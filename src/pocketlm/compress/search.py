@@ -63,12 +63,15 @@ class SearchSpace(BaseConfig):
 @dataclasses.dataclass(frozen=True)
 class SearchBudget(BaseConfig):
     """max_size_mb: stored weights; max_latency_ms: per decoded token at batch 1 (None: no limit);
-    w_time, w_energy: the weighted score's terms (quality − w_time·t_norm − w_energy·e_norm)."""
+    w_time, w_energy: the weighted score's terms (quality − w_time·t_norm − w_energy·e_norm);
+    gates: acceptance gates every chosen candidate's EvalReport must pass, the quality floor (e.g.
+    "quality.ppl <= 1.05 * incumbent", incumbent = the original model's report; see fleet.gates)."""
 
     max_size_mb: float = 0.0
     max_latency_ms: float | None = None
     w_time: float = 0.2
     w_energy: float = 0.2
+    gates: tuple[str, ...] = ()
 
     kind: ClassVar[str] = "search_budget"
 
@@ -77,6 +80,11 @@ class SearchBudget(BaseConfig):
         check(self.max_latency_ms is None or self.max_latency_ms > 0,
               f"latency budget {self.max_latency_ms} ms is not positive", "use e.g. --max-latency-ms 20")
         ScoreWeights(w_time=self.w_time, w_energy=self.w_energy)  # validates the weights
+        self.parsed_gates()
+
+    def parsed_gates(self) -> list:
+        from ..fleet.gates import parse_gate
+        return [parse_gate(g) for g in self.gates]
 
 
 def _name(ratio: float, kd: bool, quant: str) -> str:
@@ -92,6 +100,12 @@ def _fits(report: dict, budget: SearchBudget) -> bool:
     return budget.max_latency_ms is None or (bool(tok_s) and 1000.0 / tok_s <= budget.max_latency_ms)
 
 
+def _gates(report: dict, incumbent: dict | None, budget: SearchBudget) -> list[dict]:
+    from ..fleet.gates import check_gates
+    _, results = check_gates({"candidate": report, "incumbent": incumbent}, budget.parsed_gates())
+    return [dataclasses.asdict(r) for r in results]
+
+
 def run_search(model, tok, out: str | Path, budget: SearchBudget, space: SearchSpace = SearchSpace(), *,
                protocol: EvalProtocol = EvalProtocol(tokens=32768, decode_batch_sizes=(1,), repeats=3),
                calib=None, overwrite: bool = False, show_progress: bool = True) -> dict:
@@ -102,6 +116,9 @@ def run_search(model, tok, out: str | Path, budget: SearchBudget, space: SearchS
                  else ())  # before the long work
     calib_kw = dict(tok=tok, calib=calib, calib_samples=64, calib_len=512, show_progress=show_progress)
     reports, candidates, skipped = [], [], []
+    incumbent = None  # the original's report, when a gate compares against it
+    if any(g.uses_incumbent for g in budget.parsed_gates()):
+        incumbent = evaluate(model, tok, protocol, label="original", show_progress=show_progress).to_dict()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         # Only a candidate within the budget can be chosen, so only those are kept (on disk).
         kept = tmp / "candidates"
@@ -124,10 +141,11 @@ def run_search(model, tok, out: str | Path, budget: SearchBudget, space: SearchS
                     applied += compress_(cand, QUANT[quant], **calib_kw)
                 report = evaluate(cand, tok, protocol, baseline=(model, tok), label=name, show_progress=show_progress)
                 reports.append(report.to_dict())
+                gates = _gates(reports[-1], incumbent, budget)
                 candidates.append({"name": name, "recipe": applied, "ppl": report.quality["ppl"],
                                    "weights_mb": report.efficiency["weights_mb"],
-                                   "decode_tok_s": report.efficiency.get("decode_tok_s"),
-                                   "within_budget": _fits(reports[-1], budget)})
+                                   "decode_tok_s": report.efficiency.get("decode_tok_s"), "gates": gates,
+                                   "within_budget": _fits(reports[-1], budget) and all(g["passed"] for g in gates)})
                 if candidates[-1]["within_budget"]:
                     save(cand, tok, kept / str(len(candidates)))
                 del cand
