@@ -78,6 +78,7 @@ def install(package: str | Path, into: str | Path, trust: str | Path, *, allow_d
             enc_key: bytes | None = None, activate: bool = True) -> dict:
     """Install `package` (full or delta) into `into` and make it active (unless `activate` is False)."""
     root = Path(into)
+    keys.load_public(trust)  # a missing or malformed key fails in one line, before anything else
     pinned = root / TRUSTED
     if pinned.is_file() and pinned.read_bytes() != Path(trust).read_bytes():
         raise IntegrityError(f"'{root}' trusts another signing key than '{trust}'",
@@ -138,6 +139,9 @@ def _rebuild(pkg: Package, staging: Path, base_dir: Path | None) -> None:
     base_m = read_manifest(base_dir) if base_dir is not None else None
     by_hash = {t["sha256"]: t for t in (base_m or {"tensors": {}})["tensors"].values()}
     for rel, entry in m["files"].items():
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise IntegrityError(f"the manifest names a file outside the model directory ({rel})",
+                                 "refused; the package is not a pocketlm package")
         dst = staging / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         if rel in carried:
