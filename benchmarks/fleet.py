@@ -8,8 +8,9 @@
    (next-token loss on the train split, the rest frozen), and `moe` with 2 experts of every layer
    retrained the same way. Install time and peak RSS (own process, 2 threads) for full and delta.
 3. SmolLM2-135M-Instruct RTN int8 (incumbent, active) and RTN int4 g32 (candidate, installed
-   inactive): `pocketlm shadow` on chat and arithmetic requests, `pocketlm gate` with the gate file
-   below, `promote` when it passes, then `rollback`, whose greedy outputs must equal the incumbent's.
+   inactive): `pocketlm shadow` on chat and arithmetic requests; `promote` with a strict gate file
+   (refused: the incumbent stays) and with a release gate file (promoted); then `rollback`, whose
+   greedy outputs must equal the incumbent's from before.
 
     python benchmarks/fleet.py [--threads 2] [--shadow-requests 32]
 """
@@ -36,8 +37,12 @@ from common import SHARED, machine, write_result  # noqa: E402
 from real_model import CHAT_PROMPTS, ensure_model  # noqa: E402
 
 console = Console(width=160)
-GATES = ["task_accuracy >= incumbent - 0.05", "agreement >= 0.5", "kl_mean <= 0.1", "ppl_ratio <= 1.02",
-         "p95_latency_ms <= 1.1 * incumbent"]
+# Two gate files over one shadow report: "strict" asks for token-identical answers (the issue's example,
+# which a re-quantized model is not expected to meet) and must keep the incumbent; "release" bounds the
+# loss the way a deployment would (task accuracy, KL, perplexity, latency) and promotes.
+GATES = {"strict": ["agreement >= 0.95", "ppl_ratio <= 1.02"],
+         "release": ["task_accuracy >= incumbent - 0.05", "kl_mean <= 0.05", "ppl_ratio <= 1.02",
+                     "p95_latency_ms <= 1.1 * incumbent"]}
 CLI = [sys.executable, "-m", "pocketlm.cli"]
 
 
@@ -167,7 +172,8 @@ def section_tamper(work: Path, priv: Path, pub: Path, other_pub: Path) -> list[d
                                                                          + t["start"] + 7)), pub, {}),
         "flipped byte in the manifest": (copy_with("manifest", lambda f: flip(f, offsets["manifest.json"] + 50)), pub, {}),
         "flipped byte in the signature": (copy_with("sig", lambda f: flip(f, offsets["manifest.sig"] + 5)), pub, {}),
-        "signed by another key": (v2, other_pub, {}),
+        "signed by another key (pinned device)": (v2, other_pub, {}),
+        "signed by another key (new device)": (v2, other_pub, {"fresh": True}),
         "truncated package": (copy_with("trunc", lambda f: os.truncate(f, f.stat().st_size * 2 // 3)), pub, {}),
         "delta on the wrong base": (d23, pub, {}),
         "older version (rollback attack)": (None, pub, {}),
@@ -176,6 +182,15 @@ def section_tamper(work: Path, priv: Path, pub: Path, other_pub: Path) -> list[d
     rows = []
     for label, (pkg, trust, how) in cases.items():
         root = work / f"dev-tamper-{len(rows)}"
+        if how.get("fresh"):  # nothing installed: the signature check alone must refuse it
+            try:
+                inst.install(pkg, root, trust)
+                error = None
+            except PocketError as e:
+                error = str(e)
+            rows.append({"case": label, "rejected": error is not None and "signature" in error, "error": error,
+                         "active_untouched": not (root / "active").exists()})
+            continue
         inst.install(v2 if label.startswith("older") else v1, root, pub)
         before = {p.name: p.stat().st_mtime_ns for p in (root / "versions").rglob("*") if p.is_file()}
         target = v1 if label.startswith("older") else pkg
@@ -251,7 +266,8 @@ def section_shadow(work: Path, priv: Path, pub: Path, args) -> dict:
     reqs += [{"messages": [{"role": "user", "content": it["question"]}], "answer": it["answer"]}
              for it in arith[:args.shadow_requests - len(reqs)]]
     (work / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
-    (work / "gates.yaml").write_text("".join(f"- {g}\n" for g in GATES))
+    for name, gates in GATES.items():
+        (work / f"{name}.yaml").write_text("".join(f"- {g}\n" for g in gates))
     gen = Generator(*pocketlm.load(root))
     before = [gen.generate(p, 24) for p in CHAT_PROMPTS[:4]]
     del gen
@@ -260,22 +276,29 @@ def section_shadow(work: Path, priv: Path, pub: Path, args) -> dict:
         str(work / "requests.jsonl"), "-o", str(work / "shadow.json"), "--max-tokens", str(args.max_tokens),
         "--threads", str(args.threads))
     shadow_s = time.perf_counter() - t0
-    gate = cli("gate", str(work / "shadow.json"), "--gates", str(work / "gates.yaml"), check=False)
     from pocketlm.fleet.gates import check_gates, load_gates, read_report
     report = read_report(work / "shadow.json")
-    passed, results = check_gates(report, load_gates(work / "gates.yaml"))
-    promote = cli("promote", "--into", str(root), "--version", "2", "--report", str(work / "shadow.json"),
-                  "--gates", str(work / "gates.yaml"), check=False)
-    active_after_promote = inst.verify_install(root)["version"]
-    if active_after_promote == "2":
+    runs = {}
+    for name in GATES:  # strict first: its refusal must leave version 1 active
+        passed, results = check_gates(report, load_gates(work / f"{name}.yaml"))
+        gate = cli("gate", str(work / "shadow.json"), "--gates", str(work / f"{name}.yaml"), check=False)
+        promote = cli("promote", "--into", str(root), "--version", "2", "--report", str(work / "shadow.json"),
+                      "--gates", str(work / f"{name}.yaml"), check=False)
+        runs[name] = {"gates": [{"gate": g.gate, "value": g.value, "threshold": g.threshold, "passed": g.passed,
+                                 "reason": g.reason} for g in results],
+                      "all_passed": passed, "gate_exit": gate.returncode, "promote_exit": promote.returncode,
+                      "active_after": inst.verify_install(root)["version"]}
+    promoted = inst.verify_install(root)["version"] == "2"
+    if promoted:
+        gen = Generator(*pocketlm.load(root))
+        promoted_outputs = [gen.generate(p, 24) for p in CHAT_PROMPTS[:4]]
+        del gen
         cli("rollback", "--into", str(root))
     gen = Generator(*pocketlm.load(root))
     after = [gen.generate(p, 24) for p in CHAT_PROMPTS[:4]]
     return {"requests": len(reqs), "shadow_s": shadow_s, "report": {k: v for k, v in report.items() if k != "rows"},
-            "gates": [{"gate": g.gate, "value": g.value, "threshold": g.threshold, "passed": g.passed,
-                       "reason": g.reason} for g in results],
-            "gate_exit": gate.returncode, "all_passed": passed, "promote_exit": promote.returncode,
-            "active_after_promote": active_after_promote, "active_at_end": inst.verify_install(root)["version"],
+            "runs": runs, "promoted": promoted, "active_at_end": inst.verify_install(root)["version"],
+            "promoted_outputs_differ": promoted and promoted_outputs != before,
             "rollback_outputs_identical": before == after}
 
 
@@ -314,16 +337,18 @@ def main() -> None:
     console.print(t)
     s = result["tamper_summary"]
     console.print(f"tamper: {s['cases']} cases, {s['rejected']} rejected, active intact in {s['active_untouched']}")
-    t = Table(title="gates: SmolLM2 int4 g32 candidate vs int8 incumbent")
-    for c in ("gate", "value", "threshold", "result"):
-        t.add_column(c)
-    for g in result["shadow"]["gates"]:
-        t.add_row(g["gate"], f"{g['value']:.4g}" if g["value"] is not None else "-",
-                  f"{g['threshold']:.4g}" if g["threshold"] is not None else "-", "pass" if g["passed"] else "FAIL")
-    console.print(t)
     sh = result["shadow"]
-    console.print(f"promote exit {sh['promote_exit']} (active then {sh['active_after_promote']}), at the end "
-                  f"{sh['active_at_end']}; outputs after rollback identical: {sh['rollback_outputs_identical']}")
+    for name, run in sh["runs"].items():
+        t = Table(title=f"{name} gates: SmolLM2 int4 g32 candidate vs int8 incumbent")
+        for c in ("gate", "value", "threshold", "result"):
+            t.add_column(c)
+        for g in run["gates"]:
+            t.add_row(g["gate"], f"{g['value']:.4g}" if g["value"] is not None else "-",
+                      f"{g['threshold']:.4g}" if g["threshold"] is not None else "-", "pass" if g["passed"] else "FAIL")
+        console.print(t)
+        console.print(f"  promote exit {run['promote_exit']}, active then {run['active_after']}")
+    console.print(f"at the end active {sh['active_at_end']}; outputs after rollback identical to before: "
+                  f"{sh['rollback_outputs_identical']}")
     console.print(f"wrote {write_result('fleet', result)}")
 
 
