@@ -156,7 +156,8 @@ def section_parity(args, work: Path) -> dict:
             "windows": {k: list(w.shape) for k, w in windows.items()}}
 
 
-QUANT_METHODS = ("rtn8", "rtn4", "q41", "gptq", "awq", "mixed", "rtn8f", "gptq8", "rtn4g64", "gptq4g64", "awq4g64")
+QUANT_METHODS = ("rtn8", "rtn4", "q41", "gptq", "awq", "mixed", "rtn8f", "gptq8", "rtn4g64", "gptq4g64", "awq4g64",
+                 "gptq8f", "gptq4g32", "awq4g32", "mixedg32")
 
 
 def section_quant(args, work: Path) -> dict:
@@ -201,6 +202,12 @@ def section_quant(args, work: Path) -> dict:
         ("RTN int4 g64", [("RTNConfig", {"bits": 4, "group_size": 64, "head": True})]),
         ("GPTQ int4 g64", [("GPTQConfig", {"bits": 4, "group_size": 64, "head": True})]),
         ("AWQ int4 g64", [("AWQConfig", {"bits": 4, "group_size": 64, "head": True})]),
+        ("GPTQ int8, head float", [("GPTQConfig", {"bits": 8, "head": False})]),
+        ("GPTQ int4 g32", [("GPTQConfig", {"bits": 4, "group_size": 32, "head": True})]),
+        ("AWQ int4 g32", [("AWQConfig", {"bits": 4, "group_size": 32, "head": True})]),
+        (f"mixed 4/8 g32 ≤ Q4_K_M ({sizes['Q4_K_M']:.1f} MB)",
+         [("MixedPrecisionConfig", {"max_size_mb": sizes["Q4_K_M"], "candidates": (4, 8), "group_size": 32,
+                                    "sensitivity_samples": 1})]),
     ]
     keep = args.quant_methods.split(",")
     for (label, configs), key in zip(jobs, QUANT_METHODS):

@@ -249,3 +249,18 @@ def test_a_delta_carries_only_the_changed_slices_of_a_large_tensor(release, tmp_
     root = installed(tmp_path, release)
     inst.install(tmp_path / "rows.delta", root, release["pub"])
     assert (root / "versions" / "2" / "model.safetensors").read_bytes() == (v2 / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("encrypted", [False, True])
+def test_range_reads_cross_chunk_boundaries(release, tmp_path, encrypted):
+    art = tmp_path / "art"
+    art.mkdir()
+    shutil.copyfile(TINY / "config.json", art / "config.json")
+    data = os.urandom(2 * package.CHUNK + 123)  # three encryption chunks, the last one short
+    (art / "blob.bin").write_bytes(data)
+    key = os.urandom(32) if encrypted else None
+    package.pack(art, tmp_path / "p.pkg", release["priv"], version="1", encrypt_key=key)
+    with package.Package(tmp_path / "p.pkg", release["pub"], enc_key=key) as p:
+        for a, b in ((0, 10), (package.CHUNK - 4, package.CHUNK + 4), (2 * package.CHUNK, len(data)), (7, len(data))):
+            assert p.read_range("data/blob.bin", a, b) == data[a:b]
+        assert p.read_all("data/blob.bin") == data

@@ -56,20 +56,21 @@ def _encrypt_stream(key: bytes, name: str, src: BinaryIO, size: int) -> Iterator
         yield aes.encrypt(prefix + i.to_bytes(4, "big"), block, _aad(name, i, i == n - 1))
 
 
-def _decrypt_stream(key: bytes, name: str, src: BinaryIO, size: int) -> Iterator[bytes]:
+def _decrypt_stream(key: bytes, name: str, src: BinaryIO, size: int, first: int = 0) -> Iterator[bytes]:
+    """Plaintext chunks of an encrypted member of `size` bytes, from chunk `first` on (src: its start)."""
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     aes, prefix = AESGCM(key), src.read(8)
-    left, i = size - 8, 0
-    while left > 0 or i == 0:
-        block = src.read(min(CHUNK + TAG, left))
-        left -= len(block)
+    n = max(1, -(-(size - 8) // (CHUNK + TAG)))
+    if first:
+        src.seek(8 + first * (CHUNK + TAG))
+    for i in range(first, n):
+        block = src.read(CHUNK + TAG)
         try:
-            yield aes.decrypt(prefix + i.to_bytes(4, "big"), block, _aad(name, i, left <= 0))
+            yield aes.decrypt(prefix + i.to_bytes(4, "big"), block, _aad(name, i, i == n - 1))
         except InvalidTag:
             raise IntegrityError(f"package member '{name}' does not decrypt",
                                  "the encryption key is wrong or the package was modified") from None
-        i += 1
 
 
 def encrypted_size(size: int) -> int:
@@ -296,14 +297,16 @@ class Package:
         return self.open(name).read(n)
 
     def read_range(self, name: str, start: int, end: int) -> bytes:
-        f = self.open(name)
-        skip = start
-        while skip > 0:  # members are streams (decrypted in order): read up to the range
-            block = f.read(min(skip, CHUNK))
-            if not block:
-                break
-            skip -= len(block)
-        return f.read(end - start)
+        """Plaintext bytes [start, end) of a member, seeking (to the first chunk needed when encrypted)."""
+        self.open(name)  # the member check
+        m = self.members[name]
+        raw = self.tar.extractfile(m)
+        if self.enc_key is None:
+            raw.seek(start)
+            return raw.read(end - start)
+        first = start // CHUNK
+        f = _Joined(_decrypt_stream(self.enc_key, name, raw, m.size, first))
+        return f.read(end - first * CHUNK)[start - first * CHUNK:]
 
     def read_all(self, name: str) -> bytes:
         return self.open(name).read()
