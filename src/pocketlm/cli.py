@@ -420,14 +420,25 @@ def report_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="Directory for report.md, report.html and plots."),
     w_time: float = typer.Option(0.2, help="Weight of normalized time per token in the score."),
     w_energy: float = typer.Option(0.2, help="Weight of normalized energy per token in the score."),
+    kwh_price: Optional[float] = typer.Option(None, help="Add a cost table: electricity price per kWh."),
+    hardware_price: float = typer.Option(1000.0, help="Cost table: price of the machine."),
+    lifetime_years: float = typer.Option(3.0, help="Cost table: years the machine serves."),
+    utilization: float = typer.Option(0.5, help="Cost table: share of that time it is busy."),
+    tokens_per_request: float = typer.Option(256.0, help="Cost table: generated tokens per request."),
+    cloud_price: Optional[float] = typer.Option(None, help="Cost table: a cloud price per 1M tokens to compare."),
     overwrite: bool = typer.Option(False, help="Replace an existing output directory."),
 ):
-    """Tables, weighted score and Pareto plots over several evaluation results."""
+    """Tables, weighted score and Pareto plots over several evaluation results (and cost, with --kwh-price)."""
     from .eval.report import load_reports, render_table, write_report
     from .eval.score import ScoreWeights
 
+    cost = None
+    if kwh_price is not None:
+        from .fleet.cost import CostInputs
+        cost = CostInputs(kwh_price, hardware_price, lifetime_years, utilization, tokens_per_request, cloud_price)
     reports = load_reports(results)
-    path = write_report(reports, output, weights=ScoreWeights(w_time=w_time, w_energy=w_energy), overwrite=overwrite)
+    path = write_report(reports, output, weights=ScoreWeights(w_time=w_time, w_energy=w_energy), overwrite=overwrite,
+                        cost=cost)
     out.print(render_table(reports))
     out.print(f"wrote {path / 'report.html'}")
 

@@ -132,3 +132,19 @@ def test_render_table_has_md_columns(reports):
     text = console.export_text()
     for needle in ("tiny-int8", "J/token", "tok/s b8", "0.051 (est.)", "score"):
         assert needle in text
+
+
+def test_cost_table_prices_each_report(tmp_path, reports):
+    from pocketlm.fleet.cost import CostInputs
+    reps = reports + [make_report("no-speed", 25.0, 3.0, tok_s=None, jpt=None)]
+    out = write_report(reps, tmp_path / "rep", cost=CostInputs(kwh_price=0.3, cloud_price_per_1m_tokens=0.5))
+    md = (out / "report.md").read_text()
+    assert "## Cost (on-prem)" in md and "cloud 0.5 per 1M tokens" in md
+    # tiny-int8: 0.051 J/token at 260 tok/s → energy 0.051 / 3.6e6 × 0.3 × 1e6 = 0.00425 per 1M tokens, estimated
+    row = next(line for line in md.splitlines() if line.startswith("| tiny-int8 |") and "estimated" in line)
+    assert "0.00425" in row
+    from pocketlm.eval.report import MISSING
+    cost_rows = md[md.index("## Cost"):].splitlines()
+    assert next(line for line in cost_rows if line.startswith("| no-speed |")).count(MISSING) == 6  # nothing to price
+    assert "Cost (on-prem)" in (out / "report.html").read_text()
+    assert "## Cost" not in (write_report(reports, tmp_path / "plain") / "report.md").read_text()

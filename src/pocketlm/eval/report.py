@@ -179,7 +179,24 @@ def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _context(reports: list[dict], weights: ScoreWeights) -> dict:
+def _costs(reports: list[dict], inputs) -> list[tuple]:
+    """Per report: cost per 1M tokens (energy, hardware, total), per 1,000 requests, × cloud, energy kind."""
+    from ..fleet.cost import cost_from_eval_report
+    rows = []
+    for r in reports:
+        try:
+            c = cost_from_eval_report(r, inputs)
+        except DataError:  # no speed or energy measured: nothing to price
+            rows.append((r["label"], *[MISSING] * 6))
+            continue
+        fmt = lambda v: MISSING if v is None else f"{v:.4g}"  # noqa: E731
+        rows.append((r["label"], *(fmt(c[k]) for k in ("energy_per_1m_tokens", "hardware_per_1m_tokens",
+                                                         "total_per_1m_tokens", "per_1000_requests", "ratio_to_cloud")),
+                     "estimated" if c["estimated"] else "measured"))
+    return rows
+
+
+def _context(reports: list[dict], weights: ScoreWeights, cost=None) -> dict:
     scores = weighted_scores(reports, weights)
     headers, rows = _table(reports, scores)
     protocol = reports[0].get("protocol") or {}
@@ -201,8 +218,12 @@ def _context(reports: list[dict], weights: ScoreWeights) -> dict:
     routing = [(r["label"], f"{q['mean_active_experts']:.2f}", f"{q['mean_cv']:.2f}",
                 ", ".join(f"{x['cv']:.2f}" for x in q["layers"] if x["cv"] is not None))
                for r in reports if (q := (r.get("quality") or {}).get("routing"))]
+    cost_note = None if cost is None else (
+        f"kWh {cost.kwh_price:g}, hardware {cost.hardware_price:g} over {cost.lifetime_years:g} years at "
+        f"{cost.utilization:.0%} use, {cost.tokens_per_request:g} tokens per request"
+        + (f", cloud {cost.cloud_price_per_1m_tokens:g} per 1M tokens" if cost.cloud_price_per_1m_tokens else ""))
     return {"reports": reports, "scores": scores, "headers": headers, "rows": rows, "warnings": warnings, "fronts": fronts,
-            "routing": routing,
+            "routing": routing, "costs": _costs(reports, cost) if cost is not None else [], "cost_note": cost_note,
             "protocol": {k: v if isinstance(v, (str, int, float, bool)) or v is None else json.dumps(v)
                          for k, v in protocol.items()},
             "protocol_from": reports[0]["label"], "estimated": sorted(est), "machines": machines}
@@ -222,6 +243,10 @@ def _markdown(ctx: dict, plots: list[tuple[str, str]], plot_notes: list[str]) ->
     lines += [f"- Pareto front, {k}: {_md_cell(v)}" for k, v in ctx["fronts"].items()]
     lines += [""] + [f"> **Warning:** {_md_cell(w)}" for w in ctx["warnings"]]
     lines += ["", "## Plots", ""] + [f"![{cap}]({name})" for name, cap in plots] + [f"- {n}" for n in plot_notes]
+    if ctx["costs"]:
+        lines += ["", "## Cost (on-prem)", "", f"{ctx['cost_note']}; decode at batch 1.", "",
+                  "| " + " | ".join(COST_HEADERS) + " |", "|" + "---|" * len(COST_HEADERS)]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in ctx["costs"]]
     if ctx["routing"]:
         lines += ["", "## Expert routing (MoE models)", "", ROUTING_NOTE, "",
                   "| model | mean active experts | mean CV | CV per layer |", "|---|---|---|---|"]
@@ -231,6 +256,9 @@ def _markdown(ctx: dict, plots: list[tuple[str, str]], plot_notes: list[str]) ->
     lines += ["", "## Machines", ""] + [f"- {_md_cell(m)}" for m in ctx["machines"]]
     return "\n".join(lines) + "\n"
 
+
+COST_HEADERS = ("model", "energy / 1M tokens", "hardware / 1M tokens", "total / 1M tokens", "per 1,000 requests",
+                "× cloud", "energy")
 
 ROUTING_NOTE = ("Over the perplexity text: tokens routed per expert, per layer. CV is the coefficient of "
                 "variation of the counts (0: perfectly balanced).")
@@ -260,6 +288,9 @@ code{background:#f3f3f3;padding:2px 4px}img{max-width:100%;margin:1em 0}
 <h2>Plots</h2>
 {% for name, cap in plots %}<figure><img src="{{ name }}" alt="{{ cap }}"><figcaption>{{ cap }}</figcaption></figure>
 {% endfor %}{% for n in plot_notes %}<p>{{ n }}</p>{% endfor %}
+{% if costs %}<h2>Cost (on-prem)</h2><p>{{ cost_note }}; decode at batch 1.</p>
+<table><tr>{% for h in cost_headers %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in costs %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
 {% if routing %}<h2>Expert routing (MoE models)</h2><p>{{ routing_note }}</p>
 <table><tr><th>model</th><th>mean active experts</th><th>mean CV</th><th>CV per layer</th></tr>
 {% for row in routing %}<tr>{% for c in row %}<td>{{ c }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
@@ -272,7 +303,7 @@ code{background:#f3f3f3;padding:2px 4px}img{max-width:100%;margin:1em 0}
 
 
 def write_report(reports: Sequence[dict], out_dir: str | os.PathLike, weights: ScoreWeights = ScoreWeights(),
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, cost=None) -> Path:
     """Write a comparison report directory.
 
     Args:
@@ -280,13 +311,15 @@ def write_report(reports: Sequence[dict], out_dir: str | os.PathLike, weights: S
         out_dir: the directory to create; written to a temporary directory and moved into place.
         weights: the score weights (default ScoreWeights(): w_time 0.2, w_energy 0.2).
         overwrite: replace an existing `out_dir` (default False raises OutputExistsError).
+        cost: fleet.cost.CostInputs: add a cost table (per 1M tokens and per 1,000 requests, beside a cloud
+            price) from each report's J/token and decode tok/s.
 
     Writes report.md, report.html (standalone, images by relative path), report.json
     ({"score": weighted_scores(...), "reports": [...]}) and quality_vs_size.png /
     quality_vs_speed.png (the latter only when some report has a decode speed).
     Returns the output directory.
     """
-    ctx = _prepare(reports, weights)  # before atomic_dir, so bad input leaves nothing behind
+    ctx = _prepare(reports, weights, cost)  # before atomic_dir, so bad input leaves nothing behind
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         _render(ctx, tmp)
     return Path(out_dir)
@@ -299,12 +332,12 @@ def render_report(reports: Sequence[dict], directory: str | os.PathLike,
     return Path(directory)
 
 
-def _prepare(reports: Sequence[dict], weights: ScoreWeights) -> dict:
+def _prepare(reports: Sequence[dict], weights: ScoreWeights, cost=None) -> dict:
     if not reports:
         raise DataError("no evaluation reports given", FIX)
     for i, r in enumerate(reports):
         _check(r, f"report {i + 1}")
-    return _context(_unique_labels(reports), weights)
+    return _context(_unique_labels(reports), weights, cost)
 
 
 def _render(ctx: dict, directory: Path) -> None:
@@ -313,7 +346,7 @@ def _render(ctx: dict, directory: Path) -> None:
     plots, plot_notes = _plots(directory, ctx["reports"], ctx["scores"]["quality_metric"])
     (directory / "report.md").write_text(_markdown(ctx, plots, plot_notes), encoding="utf-8")
     html = env.from_string(HTML).render(**ctx, plots=plots, plot_notes=plot_notes, missing=MISSING,
-                                        routing_note=ROUTING_NOTE)
+                                        routing_note=ROUTING_NOTE, cost_headers=COST_HEADERS)
     (directory / "report.html").write_text(html, encoding="utf-8")
     payload = {"score": ctx["scores"], "reports": ctx["reports"]}
     (directory / "report.json").write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
