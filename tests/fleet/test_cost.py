@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from pocketlm.errors import ConfigError, DataError
@@ -68,3 +70,14 @@ def test_from_eval_report_without_energy():
     with pytest.raises(DataError):
         cost_from_eval_report({"efficiency": {}, "energy": {"joules_per_token": 0.5, "kind": "measured"}},
                               CostInputs())
+
+
+def test_cost_command_prints_the_table_and_refuses_a_report_without_energy(tmp_path, capsys):
+    from test_cli import run
+    report = {"efficiency": {"decode_tok_s": 50.0}, "energy": {"joules_per_token": 0.5, "kind": "estimated"}}
+    (tmp_path / "r.json").write_text(json.dumps(report))
+    code, out, err = run(["cost", str(tmp_path / "r.json"), "--cloud-price", "0.5"], capsys)
+    assert code == 0 and "energy estimated" in out and "0.4642" in out, err  # total per 1M tokens, as above
+    (tmp_path / "n.json").write_text(json.dumps({**report, "energy": None}))
+    code, out, err = run(["cost", str(tmp_path / "n.json")], capsys)
+    assert code == 2 and "no energy measurement" in err and err.count("\n") == 1
