@@ -33,11 +33,13 @@ OPEN_PATHS = ("/health",)  # answered without an API key (load balancers probe i
 def create_app(cfg: ServeConfig) -> FastAPI:
     metrics = Metrics()
     engine = Engine(cfg, metrics)
-    # the pilot's engine has its own metrics registry: /metrics reports the incumbent and the pilot's counters
+    # the pilot counts into its own registry (not served): /metrics keeps llama.cpp's series for the incumbent,
+    # and pocketlm:candidate_requests counts the pilot's answers
     candidate = None if cfg.candidate is None else Engine(
         dataclasses.replace(cfg, model=cfg.candidate, model_id=engine.model_id, candidate=None, shadow=False,
                             canary_share=0.0, moe=None), Metrics())
     shadow_log = ShadowLog(cfg.shadow_log) if cfg.shadow and cfg.shadow_log else None
+    shadows: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -103,8 +105,10 @@ def create_app(cfg: ServeConfig) -> FastAPI:
         on_done = None
         if cfg.shadow and candidate is not None and candidate.state == "ready":
             def on_done(text: str, seconds: float) -> None:  # the incumbent's answer is out: now the candidate's
-                asyncio.get_running_loop().create_task(
+                task = asyncio.get_running_loop().create_task(
                     _shadow(candidate, build, body, text, seconds, metrics, shadow_log))
+                shadows.add(task)
+                task.add_done_callback(shadows.discard)
         return await _run(request, target, job, body, opts, chat=chat, tags={"served_by": "candidate"} if canary
                           else {}, on_done=on_done)
 
