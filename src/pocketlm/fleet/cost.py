@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pocketlm.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 _SECONDS_PER_YEAR = 365.25 * 24 * 3600
 _JOULES_PER_KWH = 3.6e6

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from pocketlm.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
 # Two-character operators first so `>=` is not read as `>` followed by `=EXPR`.
