@@ -163,16 +163,22 @@ def parse_gate(text: str) -> Gate:
     return Gate(text.strip(), metric, op, expr)
 
 
+def _read_text(path: Path, what: str, fix: str) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist", fix) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path} cannot be read ({e})", fix) from None
+
+
 def load_gates(path) -> list[Gate]:
     """Gates from a YAML file: a list of gate strings, or {gates: [...]}."""
     path = Path(path)
     fix = "give a YAML file with a list of gates, e.g. '- task_accuracy >= incumbent - 0.01'"
+    text = _read_text(path, "gate file", fix)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"gate file {path} does not exist", fix) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"gate file {path} cannot be read ({e})", fix) from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise DataError(f"gate file {path} is not valid YAML ({str(e).splitlines()[0]})", fix) from None
     if isinstance(data, dict):
@@ -196,12 +202,9 @@ def read_report(path) -> dict:
     """A JSON report file as a dict; DataError if missing, not JSON or not an object."""
     path = Path(path)
     fix = "give the JSON report written by 'pocketlm eval --json' (or a {candidate, incumbent} object)"
+    text = _read_text(path, "report", fix)
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"report {path} does not exist", fix) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"report {path} cannot be read ({e})", fix) from None
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"report {path} is not JSON ({e.msg} at line {e.lineno})", fix) from None
     if not isinstance(data, dict):

@@ -138,6 +138,11 @@ def _rebuild(pkg: Package, staging: Path, base_dir: Path | None) -> None:
     headers = {n.split("/", 1)[1] for n in pkg.members if n.startswith("header/")}
     base_m = read_manifest(base_dir) if base_dir is not None else None
     by_hash = {t["sha256"]: t for t in (base_m or {"tensors": {}})["tensors"].values()}
+    slices: dict[str, list[tuple[int, str]]] = {}  # tensor key → (slice index, member) of the delta's slices
+    for n in pkg.members:
+        if n.startswith("chunk/"):
+            key, index = n[len("chunk/"):].rsplit("/", 1)
+            slices.setdefault(key, []).append((int(index), n))
     for rel, entry in m["files"].items():
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise IntegrityError(f"the manifest names a file outside the model directory ({rel})",
@@ -152,7 +157,8 @@ def _rebuild(pkg: Package, staging: Path, base_dir: Path | None) -> None:
             with open(dst, "wb") as out:
                 out.write(pkg.read_all(f"header/{rel}"))
                 for t in tensors:
-                    out.write(_tensor_bytes(pkg, f"{rel}:{t['name']}", t, base_dir, base_m, by_hash))
+                    key = f"{rel}:{t['name']}"
+                    out.write(_tensor_bytes(pkg, key, t, base_dir, base_m, by_hash, slices.get(key, [])))
         elif base_m is not None and base_m["files"].get(rel, {}).get("sha256") == entry["sha256"]:
             shutil.copyfile(base_dir / rel, dst)
         else:
@@ -161,7 +167,7 @@ def _rebuild(pkg: Package, staging: Path, base_dir: Path | None) -> None:
 
 
 def _tensor_bytes(pkg: Package, key: str, t: dict, base_dir: Path | None, base_m: dict | None,
-                  by_hash: dict) -> bytes:
+                  by_hash: dict, slices: list[tuple[int, str]]) -> bytes:
     """A tensor of the new version: carried whole, or the base's bytes (the same tensor anywhere in the
     base, or this key's old bytes with the carried slices patched in)."""
     if f"tensor/{key}" in pkg.members:
@@ -176,9 +182,8 @@ def _tensor_bytes(pkg: Package, key: str, t: dict, base_dir: Path | None, base_m
         f.seek(src["start"])
         data = bytearray(f.read(src["end"] - src["start"]))
     if patched:
-        prefix = f"chunk/{key}/"
-        for name in (n for n in pkg.members if n.startswith(prefix)):
-            at = int(name[len(prefix):]) * TENSOR_CHUNK
+        for index, name in slices:
+            at = index * TENSOR_CHUNK
             piece = pkg.read_all(name)
             data[at:at + len(piece)] = piece
     return bytes(data)
