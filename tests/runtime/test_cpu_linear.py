@@ -30,3 +30,31 @@ def test_eager_picks_onednn_for_large_weights_only(n, op):
     torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-4)
     names = {e.key for e in prof.key_averages()}
     assert op in names and ("mkldnn::_linear_pointwise" in names) == (op.startswith("mkldnn"))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 11, 16, 17, 40])  # 17 and 40 rows: the dequantize-then-sgemm branch
+@pytest.mark.parametrize("k, n, groups", [(64, 48, 1), (100, 37, 1), (96, 21, 3), (8, 5, 1)])  # tails in K and N
+def test_int8_kernel_equals_dequantized_weights_in_fp32(rows, k, n, groups):
+    cpu_linear.build_kernel()
+    torch.manual_seed(rows * k + n)
+    x = torch.randn(rows, 1, k)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    s = (torch.rand(n, groups) / 50).to(torch.bfloat16)
+    w = (q.double().reshape(n, groups, -1) * s.double()[..., None]).reshape(n, k)
+    got = cpu_linear.qlinear8(x, q, s)
+    assert got.shape == (rows, 1, n)
+    # fp32 activations: within fp32 rounding of the exact product (bf16 activations miss by ~1e-2)
+    torch.testing.assert_close(got.double(), x.double() @ w.t(), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_layers_keep_fp32_activations():
+    """A QuantLinear int8 layer computes with its dequantized weight and the fp32 input, not a bf16 copy."""
+    from pocketlm.compress.quant.linear import QuantLinear
+    from pocketlm.compress.quant.primitives import Scheme
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 64)
+    q = QuantLinear.from_linear(lin, Scheme(8))
+    x = torch.randn(3, 256)
+    want = F.linear(x.double(), q.dequantize().double(), lin.bias.double()).float()
+    torch.testing.assert_close(q(x), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(q(x.repeat(10, 1)), want.repeat(10, 1), atol=2e-5, rtol=2e-5)  # prefill rows

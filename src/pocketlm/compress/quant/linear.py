@@ -1,9 +1,9 @@
 """Quantized modules with torch's fused CPU kernels, stored in a portable layout.
 
-- QuantLinear, weight-only: int8 (N, K) with a scale per output channel → `aten._weight_int8pack_mm`;
-  int4/int3 codes in the int4 kernel's tiled layout, (scale, zero) per group → `aten._weight_int4pack_mm_for_cpu`.
-  Both run with bf16 activations (their fp32 paths are 8-25x slower here). Other devices take the
-  named fallback: dequantize, then matmul.
+- QuantLinear, weight-only: int8 (N, K) with a scale per output channel → `pocketlm_cpu::qlinear8`
+  (runtime/cpu_qlinear.cpp: fp32 activations); int4/int3 codes in the int4 kernel's tiled layout,
+  (scale, zero) per group → `aten._weight_int4pack_mm_for_cpu` with bf16 activations (its fp32 path
+  is 8-25x slower here). Other devices take the named fallback: dequantize, then matmul.
 - W8A8Linear (SmoothQuant): int8 weights and dynamic per-token int8 activations → `torch._int_mm`.
 - QuantEmbedding: row lookups from an int8 table, which a tied LM head shares.
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...runtime import cpu_linear
 from . import primitives as P
 from .primitives import PARAM_DTYPE, Scheme
 
@@ -45,9 +46,13 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def kernel_matmul(x2: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
                   group_size: int | None) -> torch.Tensor:
-    """x2 (M, K) @ codes.T on the fused CPU kernels, in bf16: int8 takes (N, 1) scales, int4/int3 the
-    kernel-layout codes and the (K/group, N, 2) scales_zeros."""
+    """x2 (M, K) @ codes.T on the fused CPU kernels: int8 takes (N, 1) scales (pocketlm's kernel, fp32
+    activations; torch's where it cannot be built), int4/int3 the kernel-layout codes and the
+    (K/group, N, 2) scales_zeros (torch's kernel, bf16 activations)."""
     if bits == 8:
+        y = cpu_linear.qlinear8(x2.float(), qweight, scales)
+        if y is not None:
+            return y
         pad = -x2.shape[1] % 16
         if pad:  # torch 2.13's int8 kernel segfaults (AVX-512, 2+ rows) when K is not a multiple of 16;
             # only odd (pruned) widths pay this per-call copy of the codes
