@@ -58,3 +58,34 @@ def test_int8_layers_keep_fp32_activations():
     want = F.linear(x.double(), q.dequantize().double(), lin.bias.double()).float()
     torch.testing.assert_close(q(x), want, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(q(x.repeat(10, 1)), want.repeat(10, 1), atol=2e-5, rtol=2e-5)  # prefill rows
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 16, 17])
+@pytest.mark.parametrize("k, n, groups", [(64, 48, 2), (96, 37, 1), (256, 21, 4)])  # N tails; one group per row
+def test_int4_kernel_equals_dequantized_weights_in_fp32(rows, k, n, groups):
+    from pocketlm.compress.quant import primitives as P
+    cpu_linear.build_kernel()
+    torch.manual_seed(rows * k + n)
+    x = torch.randn(rows, k)
+    codes = torch.randint(0, 16, (n, k))
+    s = (torch.rand(n, groups) / 50).to(torch.bfloat16)
+    z = (torch.randn(n, groups) / 50).to(torch.bfloat16)
+    w = P.dequantize_matrix(codes, s.float(), z.float(), 4).double()
+    got = torch.ops.pocketlm_cpu.qlinear4(x, P.pack(codes, 4), s, z)
+    torch.testing.assert_close(got.double(), x.double() @ w.t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (3, 32)])
+def test_int4_layers_keep_fp32_activations_int3_keeps_torchs_kernel(bits, group):
+    from pocketlm.compress.quant.linear import QuantLinear
+    from pocketlm.compress.quant.primitives import Scheme
+    torch.manual_seed(bits)
+    lin = torch.nn.Linear(256, 64)
+    q = QuantLinear.from_linear(lin, Scheme(bits, group))
+    assert q.tiled == (bits == 3)
+    x = torch.randn(3, 256)
+    want = F.linear(x.double(), q.dequantize().double(), lin.bias.double()).float()
+    tol = 2e-2 if bits == 3 else 2e-5  # torch's kernel: bf16 activations
+    torch.testing.assert_close(q(x), want, atol=tol, rtol=tol)
+    sd = q.state_dict()  # saved codes are the portable layout either way
+    assert sd["qweight"].shape == (64, 256 * bits // 8)

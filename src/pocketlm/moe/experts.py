@@ -19,7 +19,8 @@ MATRICES = ("gate_up", "down")
 
 class Expert:
     """Weights of one expert. bits None: float `gate_up` (2I, H) and `down` (H, I); bits 8/4: per matrix
-    `{name}.q` (codes, kernel layout) and `{name}.s` (int8: (N, 1) scales; int4: (K/g, N, 2) scales and zeros)."""
+    `{name}.q` (codes, kernel layout), `{name}.s` and `{name}.z` as QuantLinear holds them (int8: (N, 1)
+    scales; int4: (N, G) scales and zeros, or torch's tiling with (K/g, N, 2) scales_zeros and no `.z`)."""
 
     __slots__ = ("tensors", "bits", "group_size", "nbytes", "slab")
 
@@ -33,7 +34,8 @@ class Expert:
         if self.bits is None:
             return F.linear(x, self.tensors[name])
         t = self.tensors
-        return kernel_matmul(x, self.bits, t[f"{name}.q"], t[f"{name}.s"], self.group_size).to(x.dtype)
+        return kernel_matmul(x, self.bits, t[f"{name}.q"], t[f"{name}.s"], t.get(f"{name}.z"),
+                             self.group_size).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         gate, up = self._matmul(x, "gate_up").chunk(2, dim=-1)
@@ -49,7 +51,9 @@ def quantize_expert(weights: dict[str, torch.Tensor], bits: int, group_size: int
         q, scale, zero = quantize_matrix(w, scheme, search=search)
         lin = QuantLinear.from_codes(q, scale, zero, scheme)
         tensors[f"{name}.q"] = lin.qweight
-        tensors[f"{name}.s"] = lin.scales if bits == 8 else lin.scales_zeros
+        tensors[f"{name}.s"] = lin.scales_zeros if lin.tiled else lin.scales
+        if bits != 8 and not lin.tiled:
+            tensors[f"{name}.z"] = lin.zeros
     return Expert(tensors, bits, scheme.group_size)
 
 

@@ -12,9 +12,10 @@ steps call `pocketlm_cpu::linear` (the .cpp beside this file, built on first use
 CPU, about 7 s, then loaded from disk): inductor lowers the mkldnn op only for weights it froze into
 constants, and a Python custom op would cost ~40 µs per call from inductor's C++ wrapper.
 
-int8 weight-only layers (`qlinear8`, cpu_qlinear.cpp, the same build) take fp32 activations, eager
-and compiled: torch's int8 kernel rounds them to bf16, which cost SmolLM2-135M +0.18% perplexity of
-its +0.59% at int8. A machine where the build fails keeps torch's kernel (with one warning).
+int8 and int4 weight-only layers (`qlinear8`, `qlinear4`: cpu_qlinear.cpp, the same build) take
+fp32 activations, eager and compiled: torch's kernels round them to bf16, which cost SmolLM2-135M
++0.18% perplexity of its +0.59% at int8. A machine where the build fails keeps torch's kernels
+(with one warning).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ import torch
 
 from ..errors import ConfigError
 
-_SOURCES = [Path(__file__).with_suffix(".cpp"), Path(__file__).with_name("cpu_qlinear.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("cpu_linear.cpp", "cpu_qlinear.cpp", "cpu_step.cpp")]
+_HEADER = Path(__file__).with_name("cpu_kernels.h")
 _built = False
 _unbuildable: str | None = None  # why the build failed, once it has
 ONEDNN_MIN_WEIGHTS = 1 << 18  # eager: smaller weights go to F.linear (MKL)
@@ -54,6 +56,11 @@ def qlinear8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Te
     return torch.ops.pocketlm_cpu.qlinear8(x, q, scales)
 
 
+def kernels_built() -> bool:
+    """pocketlm's CPU kernels are loaded (built now if need be); False where they cannot be built."""
+    return _ensure_built()
+
+
 def _ensure_built() -> bool:
     global _unbuildable
     if _built:
@@ -64,18 +71,18 @@ def _ensure_built() -> bool:
         except ConfigError as e:
             _unbuildable = str(e)
             import warnings
-            warnings.warn(f"{e}; int8 layers use torch's kernel (bf16 activations)", stacklevel=3)
+            warnings.warn(f"{e}; int8/int4 layers use torch's kernels (bf16 activations)", stacklevel=3)
     return _built
 
 
 def build_kernel() -> None:
-    """Build (first time on this CPU) and load `pocketlm_cpu::linear` and `::qlinear8`, once per process."""
+    """Build (first time on this CPU) and load `pocketlm_cpu::linear`, `::qlinear8` and `::qlinear4`, once per process."""
     global _built
     if _built:
         return
     from torch.utils.cpp_extension import load
     # -march=native: the build is for this CPU; its directory is keyed by the CPU and the sources.
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in _SOURCES) + _cpu_id().encode()
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in [*_SOURCES, _HEADER]) + _cpu_id().encode()
                          + torch.__version__.encode()).hexdigest()[:16]
     build = Path.home() / ".cache" / "pocketlm" / f"cpu_linear-{key}"
     build.mkdir(parents=True, exist_ok=True)
@@ -88,11 +95,16 @@ def build_kernel() -> None:
                           "install g++ and ninja (pip install ninja), or run eagerly (--eager, compile=False)") from e
     torch.library.register_fake("pocketlm_cpu::linear", _shape)
     torch.library.register_fake("pocketlm_cpu::qlinear8", _shape)
+    torch.library.register_fake("pocketlm_cpu::qlinear4", _shape4)
     _built = True
 
 
 def _shape(x: torch.Tensor, w: torch.Tensor, _: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _shape4(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], q.shape[0])
 
 
 def _cpu_id() -> str:

@@ -20,6 +20,7 @@ from ..errors import ConfigError, DataError
 from . import cpu_linear
 from .cache import StaticCache
 from .model import FastDecoder
+from .native import NativeStep
 from .sampling import SamplingConfig, sample
 
 CACHE_STEP = 256
@@ -48,17 +49,22 @@ class Generator:
     """Runs a loaded HF causal LM with a static KV cache.
 
     compile: False runs eagerly; True compiles the decode step (compile time is reported apart, in
-    `compile_s`). max_context defaults to the model's `max_position_embeddings`. Building a Generator
+    `compile_s`). native: one C++ call per decode step (runtime/native.py; CPU, fp32 models with fp32/
+    int8/int4 linears; prefill stays eager). max_context defaults to the model's `max_position_embeddings`. Building a Generator
     packs the model's plain q/k/v and gate/up weights in place (same values, same memory). One
     request runs at a time: compiled steps reuse their cache.
     """
 
-    def __init__(self, model, tokenizer, *, compile: bool = False, max_context: int | None = None):
+    def __init__(self, model, tokenizer, *, compile: bool = False, native: bool = False,
+                 max_context: int | None = None):
         cfg = model.config
         self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", 2048))
         self.model, self.tokenizer = model.eval(), tokenizer
         self.decoder = FastDecoder(model, self.max_context)
+        if compile and native:
+            raise ConfigError("the compiled and the native decode steps are two different paths", "choose one")
         self.compiled = compile
+        self.native = NativeStep(self.decoder) if native else None
         if compile:  # compiled kernels persist across runs here (inductor's default is /tmp)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "pocketlm" / "inductor"))
         self.compile_s: float = 0.0  # seconds spent compiling, apart from generation time
@@ -112,6 +118,8 @@ class Generator:
 
     def _decode(self, tokens, pos, slot: int, cache, padded: bool, greedy: bool = False):
         """Logits (B, vocab) of the next position; with `greedy` (compiled only) the (tokens, logprobs)."""
+        if self.native is not None:
+            return self.native(tokens, pos, slot, cache)
         slots = torch.tensor([slot], device=tokens.device)
         if not self.compiled:
             kv = slot + 1

@@ -66,7 +66,7 @@ class TrainableQuantLinear(nn.Module):
         q.scales.copy_(s.to(q.scales.dtype))
         if z is not None:
             q.zeros.copy_(z.to(q.zeros.dtype))
-            if q.kernel_layout:  # the kernel's (K/group, N, 2) copy is derived from scales and zeros
+            if q.tiled:  # torch's kernel takes a (K/group, N, 2) copy derived from scales and zeros
                 q.scales_zeros.copy_(torch.stack([q.scales.t(), q.zeros.t()], -1))
         return q
 

@@ -1,9 +1,11 @@
 """Quantized modules with torch's fused CPU kernels, stored in a portable layout.
 
-- QuantLinear, weight-only: int8 (N, K) with a scale per output channel → `pocketlm_cpu::qlinear8`
-  (runtime/cpu_qlinear.cpp: fp32 activations); int4/int3 codes in the int4 kernel's tiled layout,
-  (scale, zero) per group → `aten._weight_int4pack_mm_for_cpu` with bf16 activations (its fp32 path
-  is 8-25x slower here). Other devices take the named fallback: dequantize, then matmul.
+- QuantLinear, weight-only: int8 (N, K) with a scale per output channel → `pocketlm_cpu::qlinear8`;
+  int4 two codes per byte, (scale, zero) per group → `pocketlm_cpu::qlinear4` (both
+  runtime/cpu_qlinear.cpp, fp32 activations, on the stored layout). int3 codes (and int4 on a
+  machine where that kernel cannot be built) in torch's int4 tiling → `aten._weight_int4pack_mm_for_cpu`
+  with bf16 activations (its fp32 path is 8-25x slower here). Other devices take the named
+  fallback: dequantize, then matmul.
 - W8A8Linear (SmoothQuant): int8 weights and dynamic per-token int8 activations → `torch._int_mm`.
 - QuantEmbedding: row lookups from an int8 table, which a tied LM head shares.
 
@@ -45,10 +47,11 @@ def _nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def kernel_matmul(x2: torch.Tensor, bits: int, qweight: torch.Tensor, scales: torch.Tensor,
-                  group_size: int | None) -> torch.Tensor:
-    """x2 (M, K) @ codes.T on the fused CPU kernels: int8 takes (N, 1) scales (pocketlm's kernel, fp32
-    activations; torch's where it cannot be built), int4/int3 the kernel-layout codes and the
-    (K/group, N, 2) scales_zeros (torch's kernel, bf16 activations)."""
+                  zeros: torch.Tensor | None, group_size: int | None) -> torch.Tensor:
+    """x2 (M, K) @ codes.T on the CPU kernels. int8: codes (N, K), scales (N, G); int4 with `zeros`:
+    stored codes (N, K/2), scales and zeros (N, G) — both on pocketlm's kernels, fp32 activations;
+    otherwise (int3, or a machine where they cannot be built) torch's int8 kernel, or its int4 kernel
+    on tiled codes and (K/group, N, 2) scales_zeros, with bf16 activations."""
     if bits == 8:
         y = cpu_linear.qlinear8(x2.float(), qweight, scales)
         if y is not None:
@@ -58,6 +61,8 @@ def kernel_matmul(x2: torch.Tensor, bits: int, qweight: torch.Tensor, scales: to
             # only odd (pruned) widths pay this per-call copy of the codes
             x2, qweight = F.pad(x2, (0, pad)), F.pad(qweight, (0, pad))
         return torch.ops.aten._weight_int8pack_mm(x2.to(KERNEL_DTYPE), qweight, scales[:, 0])
+    if zeros is not None:
+        return torch.ops.pocketlm_cpu.qlinear4(x2.float(), qweight, scales, zeros)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(KERNEL_DTYPE), qweight, group_size, scales)
 
 
@@ -79,6 +84,7 @@ class QuantLinear(nn.Module):
         if scheme.bits != 8:
             self.register_buffer("zeros", torch.zeros(out_features, G, dtype=PARAM_DTYPE))
         self.kernel_layout = False
+        self.tiled = False  # codes in torch's int4 tiling (int3; int4 where pocketlm's kernel is unavailable)
 
     @property
     def bits(self) -> int:
@@ -107,21 +113,23 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def to_kernel_layout(self) -> "QuantLinear":
-        """Stored layout → the kernel's (int4 tiling; scales and zeros as the kernel takes them)."""
+        """Stored layout → the kernel's: int8 and int4 (pocketlm's kernels) run on it as stored; int3,
+        and int4 without them, take torch's int4 tiling and (K/group, N, 2) scales and zeros."""
         if self.kernel_layout:
             return self
-        if self.bits != 8:
+        own = self.bits == 4 and self.scheme.group(self.in_features) % 32 == 0 and cpu_linear.kernels_built()
+        if self.bits != 8 and not own:
             codes = P.unpack(self.qweight.cpu(), self.bits, self.in_features)
             self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1).to(self.scales.device)
-            # (K/group, N, 2) [scale, zero], derived: not saved
             self.register_buffer("scales_zeros", torch.stack([self.scales.t(), self.zeros.t()], -1).contiguous(),
-                                 persistent=False)
+                                 persistent=False)  # derived: not saved
+            self.tiled = True
         self.kernel_layout = True
         return self
 
     def codes(self) -> torch.Tensor:
         """The (N, K) int32 codes, from whichever layout the module holds."""
-        if not self.kernel_layout or self.bits == 8:
+        if not self.tiled:
             return P.unpack(self.qweight.cpu(), self.bits, self.in_features)
         nib = _nibbles(self.qweight.cpu())
         out = torch.empty_like(nib)
@@ -130,14 +138,15 @@ class QuantLinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.kernel_layout and self.bits != 8:
+        if self.tiled:
             destination[prefix + "qweight"] = P.pack(self.codes(), self.bits).to(self.qweight.device)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.kernel_layout and self.bits != 8:  # loading stored codes into a module already in use
+        if self.tiled:  # loading stored codes into a module already in use
             self.qweight = torch.zeros(self.out_features, P.packed_width(self.bits, self.in_features),
                                        dtype=torch.uint8, device=self.qweight.device)
-            self.kernel_layout = False
+            self.tiled = False
+        self.kernel_layout = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.to_kernel_layout()
 
@@ -147,8 +156,8 @@ class QuantLinear(nn.Module):
         if x.device.type != "cpu":
             y = F.linear(x2, self.dequantize().to(x.dtype))  # named fallback: no fused kernel here
         else:
-            y = kernel_matmul(x2, self.bits, self.qweight, self.scales if self.bits == 8 else self.scales_zeros,
-                              self.scheme.group_size).to(x.dtype)
+            y = kernel_matmul(x2, self.bits, self.qweight, self.scales_zeros if self.tiled else self.scales,
+                              None if self.tiled or self.bits == 8 else self.zeros, self.scheme.group_size).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)

@@ -1,0 +1,239 @@
+// Decode-size matrix products with fp32 activations: weight-only int8/int4 (the qlinear ops,
+// cpu_qlinear.cpp, which describes the layouts) and fp32 (pocketlm_cpu::linear, cpu_linear.cpp),
+// shared with the native decode step (cpu_step.cpp).
+#pragma once
+#include <immintrin.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace pocketlm {
+#ifdef __AVX512F__
+constexpr int V = 16;  // lanes: one vector register
+#else
+constexpr int V = 8;   // AVX2
+#endif
+typedef float vf __attribute__((vector_size(V * sizeof(float))));
+
+inline vf loadf(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(vf));
+  return v;
+}
+
+// V int8 codes widened to fp32 (vpmovsxbd + vcvtdq2ps; the generic vector conversion goes scalar)
+inline vf load8(const uint8_t* p) {
+#ifdef __AVX512F__
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#endif
+}
+
+// V bytes → the V low-nibble codes (even inputs) and the V high-nibble codes (odd inputs), as fp32
+inline void load4(const uint8_t* p, vf& lo, vf& hi) {
+#ifdef __AVX512F__
+  __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi = (vf)_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+#else
+  __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  lo = (vf)_mm256_cvtepi32_ps(_mm256_and_si256(b, _mm256_set1_epi32(15)));
+  hi = (vf)_mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
+#endif
+}
+
+inline float bf16(const uint16_t* s) {
+  uint32_t bits = uint32_t(*s) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float hsum(vf v) {
+  float s = 0;
+  for (int i = 0; i < V; ++i) s += v[i];
+  return s;
+}
+
+struct Mat {  // one quantized weight and its input
+  const float* X;     // (M, K); int4: each run of 2V inputs reordered evens first, then odds
+  const uint8_t* Q;   // codes, row stride `stride` bytes
+  const uint16_t* S;  // (N, G) bf16 scales
+  const uint16_t* Z;  // int4: (N, G) bf16 zeros
+  int64_t K, G, N, stride;
+};
+
+// Y[m, n] for weight rows n in [n0, n1), R rows at a time. Codes are dequantized in registers (one
+// multiply, or FMA with the zero, per code vector, shared by the M input rows), so the accumulators
+// are M x R vectors only: AVX2 has 16 registers.
+template <int BITS, int M, int R>
+void rows(const Mat& A, float* Y, int64_t n0, int64_t n1) {
+  constexpr int STEP = BITS == 8 ? V : 2 * V;  // inputs per iteration
+  const int64_t g = A.K / A.G;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    vf acc[M][R] = {};
+    float tail[M][R] = {};  // int8: inputs past the last full vector (int4 groups are whole vectors)
+    for (int64_t gi = 0; gi < A.G; ++gi) {
+      vf s[R], off[R];
+      for (int r = 0; r < R; ++r) {
+        const float sc = bf16(A.S + (n + r) * A.G + gi);
+        s[r] = vf{} + sc;
+        off[r] = vf{} + (BITS == 8 ? 0.f : bf16(A.Z + (n + r) * A.G + gi) - 8 * sc);
+      }
+      const int64_t k0 = gi * g, k1 = k0 + g;
+      int64_t k = k0;
+      for (; k + STEP <= k1; k += STEP) {
+        vf lo[R], hi[R];
+        for (int r = 0; r < R; ++r) {
+          const uint8_t* q = A.Q + (n + r) * A.stride + k * BITS / 8;
+          __builtin_prefetch(q + 1024);
+          if constexpr (BITS == 8) {
+            lo[r] = load8(q) * s[r];
+          } else {
+            load4(q, lo[r], hi[r]);
+            lo[r] = lo[r] * s[r] + off[r];
+            hi[r] = hi[r] * s[r] + off[r];
+          }
+        }
+        for (int m = 0; m < M; ++m) {
+          const vf x = loadf(A.X + m * A.K + k);
+          if constexpr (BITS == 8) {
+            for (int r = 0; r < R; ++r) acc[m][r] += lo[r] * x;
+          } else {
+            const vf x2 = loadf(A.X + m * A.K + k + V);
+            for (int r = 0; r < R; ++r) acc[m][r] += lo[r] * x + hi[r] * x2;
+          }
+        }
+      }
+      if constexpr (BITS == 8)
+        for (int r = 0; r < R; ++r)
+          for (int m = 0; m < M; ++m)
+            for (int64_t j = k; j < k1; ++j)
+              tail[m][r] += A.X[m * A.K + j] * float(int8_t(A.Q[(n + r) * A.stride + j])) * s[r][0];
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) Y[m * A.N + n + r] = hsum(acc[m][r]) + tail[m][r];
+  }
+  if (n < n1) rows<BITS, M, 1>(A, Y, n, n1);
+}
+
+template <int BITS, int M>
+void gemv(const Mat& A, float* Y) {
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // accumulators that stay in registers
+  constexpr int64_t block = 16;                     // weight rows per work item
+  at::parallel_for(0, (A.N + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    rows<BITS, M, R>(A, Y, b0 * block, std::min(A.N, b1 * block));
+  });
+}
+
+template <int BITS>
+void gemv_rows(Mat A, int64_t M, float* Y) {
+  const float* X = A.X;
+  for (int64_t m = 0; m < M; m += 8) {  // 9..16 rows: two passes of up to 8
+    A.X = X + m * A.K;
+    float* Ym = Y + m * A.N;
+    switch (std::min<int64_t>(8, M - m)) {
+      case 1: gemv<BITS, 1>(A, Ym); break;
+      case 2: gemv<BITS, 2>(A, Ym); break;
+      case 3: gemv<BITS, 3>(A, Ym); break;
+      case 4: gemv<BITS, 4>(A, Ym); break;
+      case 5: gemv<BITS, 5>(A, Ym); break;
+      case 6: gemv<BITS, 6>(A, Ym); break;
+      case 7: gemv<BITS, 7>(A, Ym); break;
+      default: gemv<BITS, 8>(A, Ym); break;
+    }
+  }
+}
+
+// y = x · Wᵀ for up to 16 rows of fp32 x (M, K), int4 x reordered as `reorder4` does.
+inline void qgemv(int bits, Mat A, int64_t M, float* Y) {
+  if (bits == 8) gemv_rows<8>(A, M, Y);
+  else gemv_rows<4>(A, M, Y);
+}
+
+// int4 kernels read each run of 2V inputs as its V evens, then its V odds (a byte run's nibbles).
+inline void reorder4(const float* X, int64_t M, int64_t K, float* out) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < K; c += 2 * V)
+      for (int j = 0; j < V; ++j) {
+        out[m * K + c + j] = X[m * K + c + 2 * j];
+        out[m * K + c + V + j] = X[m * K + c + 2 * j + 1];
+      }
+}
+
+// fp32 weights (N, K), up to 8 rows: each weight row streamed once and shared by every input row.
+namespace f32 {
+constexpr int V = 16;  // floats per vector: one AVX-512 register; the compiler splits it where narrower
+typedef float vf __attribute__((vector_size(V * sizeof(float))));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(vf));  // unaligned load
+  return v;
+}
+
+inline float hsum(vf v) {
+  float s = 0;
+  for (int i = 0; i < V; ++i) s += v[i];
+  return s;
+}
+
+// Y[m, n] = X[m, :] . W[n, :] (+ B[n]) for weight rows n in [n0, n1); R rows at a time share each x load.
+template <int M, int R>
+void rows(const float* X, const float* W, const float* B, float* Y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) {
+    vf acc[M][R] = {};
+    int64_t k = 0;
+    for (; k + V <= K; k += V) {
+      vf w[R];
+      for (int r = 0; r < R; ++r) {
+        // 4 KB ahead of each stream (past a short row: into the next rows): ~1.5x at 8 rows on small
+        __builtin_prefetch(W + (n + r) * K + k + 1024);
+        w[r] = load(W + (n + r) * K + k);
+      }
+      for (int m = 0; m < M; ++m) {
+        vf x = load(X + m * K + k);
+        for (int r = 0; r < R; ++r) acc[m][r] += w[r] * x;
+      }
+    }
+    for (int m = 0; m < M; ++m)
+      for (int r = 0; r < R; ++r) {
+        float s = hsum(acc[m][r]);
+        for (int64_t t = k; t < K; ++t) s += X[m * K + t] * W[(n + r) * K + t];
+        Y[m * N + n + r] = s + (B ? B[n + r] : 0.f);
+      }
+  }
+  if (n < n1) rows<M, 1>(X, W, B, Y, K, N, n, n1);
+}
+
+template <int M>
+void gemm_rows(const float* X, const float* W, const float* B, float* Y, int64_t K, int64_t N) {
+  // Independent accumulators: enough to hide FMA latency, few enough to stay in registers.
+  constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  constexpr int64_t block = 16;  // weight rows per work item
+  at::parallel_for(0, (N + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
+    rows<M, R>(X, W, B, Y, K, N, b0 * block, std::min(N, b1 * block));
+  });
+}
+}  // namespace f32
+
+// Y (M, N) = X (M, K) · Wᵀ (+ B) for up to 8 rows of fp32 X.
+inline void linear_f32(const float* X, int64_t M, const float* W, const float* B, float* Y, int64_t K, int64_t N) {
+  switch (M) {
+    case 1: f32::gemm_rows<1>(X, W, B, Y, K, N); break;
+    case 2: f32::gemm_rows<2>(X, W, B, Y, K, N); break;
+    case 3: f32::gemm_rows<3>(X, W, B, Y, K, N); break;
+    case 4: f32::gemm_rows<4>(X, W, B, Y, K, N); break;
+    case 5: f32::gemm_rows<5>(X, W, B, Y, K, N); break;
+    case 6: f32::gemm_rows<6>(X, W, B, Y, K, N); break;
+    case 7: f32::gemm_rows<7>(X, W, B, Y, K, N); break;
+    default: f32::gemm_rows<8>(X, W, B, Y, K, N); break;
+  }
+}
+}  // namespace pocketlm

@@ -1,0 +1,222 @@
+// pocketlm_cpu.DecodeStep: one decode step of a Llama-family decoder as one native call: every
+// layer's RMSNorms, q/k/v, rope, the KV-cache write, grouped attention over the static cache, o,
+// the gated SiLU MLP, then the final norm and the LM head, with no Python or dispatcher between
+// them. Linears run on cpu_kernels.h (fp32, int8, int4, fp32 activations: the same kernels as the
+// eager path's). Built with the other CPU kernels; see native.py for what it takes and why.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace {
+using namespace pocketlm;
+
+struct Lin {  // one linear layer as the kernels take it
+  int64_t bits = 32, N = 0, K = 0, G = 1;
+  const float* W = nullptr;    // fp32 (N, K)
+  const uint8_t* Q = nullptr;  // int8 (N, K) / int4 (N, K/2) codes
+  const uint16_t* S = nullptr; // bf16 (N, G) scales
+  const uint16_t* Z = nullptr; // int4: bf16 (N, G) zeros
+  const float* bias = nullptr;
+};
+
+const uint16_t* bf16_ptr(const at::Tensor& t) {
+  return t.defined() && t.numel() ? reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()) : nullptr;
+}
+
+// Y (M, N) = X (M, K) · Wᵀ (+ bias); scratch holds M·K floats (int4 input reordering).
+void run(const Lin& L, const float* X, int64_t M, float* Y, float* scratch) {
+  if (L.bits == 32) {
+    for (int64_t m = 0; m < M; m += 8) linear_f32(X + m * L.K, std::min<int64_t>(8, M - m), L.W, L.bias, Y + m * L.N, L.K, L.N);
+    return;
+  }
+  const float* x = X;
+  if (L.bits == 4) {
+    reorder4(X, M, L.K, scratch);
+    x = scratch;
+  }
+  for (int64_t m = 0; m < M; m += 16) {
+    Mat A{x + m * L.K, L.Q, L.S, L.Z, L.K, L.G, L.N, L.bits == 8 ? L.K : L.K / 2};
+    qgemv(int(L.bits), A, std::min<int64_t>(16, M - m), Y + m * L.N);
+  }
+  if (L.bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < L.N; ++n) Y[m * L.N + n] += L.bias[n];
+}
+
+// HF's RMSNorm in fp32: w · (x / sqrt(mean(x²) + eps))
+void rms_norm(const float* x, const float* w, float* out, int64_t M, int64_t H, float eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * H;
+    double ss = 0;
+    for (int64_t i = 0; i < H; ++i) ss += double(xm[i]) * xm[i];
+    const float r = 1.0f / std::sqrt(float(ss / H) + eps);
+    for (int64_t i = 0; i < H; ++i) out[m * H + i] = w[i] * (xm[i] * r);
+  }
+}
+
+// HF's rotate-half rope on each head of x (heads, hd) with the position's cos/sin rows
+void rope(float* x, int64_t heads, int64_t hd, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * hd;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+float dot(const float* a, const float* b, int64_t n) {
+  vf acc = {};
+  int64_t i = 0;
+  for (; i + V <= n; i += V) acc += loadf(a + i) * loadf(b + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+class DecodeStep : public torch::CustomClassHolder {
+ public:
+  // tensors: per layer [in_norm, post_norm] + 7 linears × [weight-or-codes, scales, zeros, bias], then
+  // final norm, the head's 4, cos, sin. meta: n_layers, n_heads, n_kv, head_dim, hidden, then per
+  // linear (7 per layer, then the head) bits, N, K, G.
+  DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, double eps, double scale)
+      : t_(std::move(tensors)), eps_(float(eps)), scale_(float(scale)) {
+    L_ = meta[0], H_ = meta[1], KV_ = meta[2], hd_ = meta[3], hidden_ = meta[4];
+    size_t ti = 0, mi = 5;
+    auto lin = [&]() {
+      Lin l;
+      l.bits = meta[mi], l.N = meta[mi + 1], l.K = meta[mi + 2], l.G = meta[mi + 3];
+      mi += 4;
+      const at::Tensor &a = t_[ti], &s = t_[ti + 1], &z = t_[ti + 2], &b = t_[ti + 3];
+      ti += 4;
+      if (l.bits == 32) l.W = a.const_data_ptr<float>();
+      else l.Q = static_cast<const uint8_t*>(a.const_data_ptr());
+      l.S = bf16_ptr(s), l.Z = bf16_ptr(z);
+      l.bias = b.defined() && b.numel() ? b.const_data_ptr<float>() : nullptr;
+      return l;
+    };
+    for (int64_t i = 0; i < L_; ++i) {
+      norms_.push_back(t_[ti].const_data_ptr<float>());
+      norms_.push_back(t_[ti + 1].const_data_ptr<float>());
+      ti += 2;
+      for (int j = 0; j < 7; ++j) lins_.push_back(lin());
+    }
+    final_norm_ = t_[ti++].const_data_ptr<float>();
+    head_ = lin();
+    cos_ = t_[ti].const_data_ptr<float>(), sin_ = t_[ti + 1].const_data_ptr<float>();
+  }
+
+  // x (B, hidden) the embedded tokens; pos (B,) rope positions; the new keys/values go to `slot`,
+  // attention reads slots < slot + 1 where valid (B, max_len) is set. Returns logits (B, vocab).
+  at::Tensor step(at::Tensor x, at::Tensor pos, int64_t slot, std::vector<at::Tensor> keys,
+                  std::vector<at::Tensor> values, at::Tensor valid) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden_,
+                "DecodeStep: x is (B, hidden) fp32");
+    TORCH_CHECK(int64_t(keys.size()) == L_ && int64_t(values.size()) == L_, "DecodeStep: one cache per layer");
+    const int64_t B = x.size(0), S = valid.size(1), kv_len = slot + 1;
+    TORCH_CHECK(slot >= 0 && slot < S, "DecodeStep: slot outside the cache");
+    int64_t widest = hidden_;
+    for (const Lin& l : lins_) widest = std::max({widest, l.N, l.K});
+    at::Tensor work = at::empty({6, B, widest}, x.options());
+    at::Tensor probs = at::empty({B * H_, kv_len}, x.options());
+    float* h = work[0].data_ptr<float>();
+    float* q = work[1].data_ptr<float>();
+    float* k = work[2].data_ptr<float>();
+    float* v = work[3].data_ptr<float>();
+    float* a = work[4].data_ptr<float>();
+    float* scratch = work[5].data_ptr<float>();
+    at::Tensor out = x.clone();
+    float* X = out.data_ptr<float>();
+    const int64_t* P = pos.const_data_ptr<int64_t>();
+    const bool* ok = valid.const_data_ptr<bool>();
+    const int64_t D = hidden_, qd = H_ * hd_, kd = KV_ * hd_;
+    for (int64_t i = 0; i < L_; ++i) {
+      const Lin* w = &lins_[7 * i];  // q, k, v, o, gate, up, down
+      rms_norm(X, norms_[2 * i], h, B, D, eps_);
+      run(w[0], h, B, q, scratch);
+      run(w[1], h, B, k, scratch);
+      run(w[2], h, B, v, scratch);
+      float* Kc = keys[i].data_ptr<float>();
+      float* Vc = values[i].data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        rope(q + b * qd, H_, hd_, cos_ + P[b] * hd_, sin_ + P[b] * hd_);
+        rope(k + b * kd, KV_, hd_, cos_ + P[b] * hd_, sin_ + P[b] * hd_);
+        for (int64_t kh = 0; kh < KV_; ++kh) {
+          std::memcpy(Kc + ((b * KV_ + kh) * S + slot) * hd_, k + b * kd + kh * hd_, hd_ * sizeof(float));
+          std::memcpy(Vc + ((b * KV_ + kh) * S + slot) * hd_, v + b * kd + kh * hd_, hd_ * sizeof(float));
+        }
+      }
+      float* pr = probs.data_ptr<float>();
+      at::parallel_for(0, B * H_, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) attend(r, q, Kc, Vc, ok, pr + r * kv_len, a, S, kv_len);
+      });
+      run(w[3], a, B, h, scratch);
+      for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
+      rms_norm(X, norms_[2 * i + 1], h, B, D, eps_);
+      const int64_t I = w[4].N;
+      run(w[4], h, B, q, scratch);  // gate
+      run(w[5], h, B, k, scratch);  // up
+      for (int64_t j = 0; j < B * I; ++j) a[j] = q[j] / (1.0f + std::exp(-q[j])) * k[j];
+      run(w[6], a, B, h, scratch);
+      for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
+    }
+    rms_norm(X, final_norm_, h, B, D, eps_);
+    at::Tensor logits = at::empty({B, head_.N}, x.options());
+    run(head_, h, B, logits.data_ptr<float>(), scratch);
+    return logits;
+  }
+
+ private:
+  // query head r = b·H + qh over the slots of its KV head; writes a[b, qh·hd : (qh+1)·hd]
+  void attend(int64_t r, const float* q, const float* Kc, const float* Vc, const bool* ok, float* p, float* a,
+              int64_t S, int64_t kv_len) const {
+    const int64_t b = r / H_, qh = r % H_, kh = qh / (H_ / KV_);
+    const float* qv = q + b * H_ * hd_ + qh * hd_;
+    const float* Kb = Kc + (b * KV_ + kh) * S * hd_;
+    const float* Vb = Vc + (b * KV_ + kh) * S * hd_;
+    float best = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < kv_len; ++t) {
+      if (!ok[b * S + t]) {
+        p[t] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      p[t] = dot(qv, Kb + t * hd_, hd_) * scale_;
+      best = std::max(best, p[t]);
+    }
+    float total = 0;
+    for (int64_t t = 0; t < kv_len; ++t) total += (p[t] = std::isinf(p[t]) ? 0.f : std::exp(p[t] - best));
+    float* out = a + b * H_ * hd_ + qh * hd_;
+    for (int64_t d = 0; d < hd_; ++d) out[d] = 0;
+    for (int64_t t = 0; t < kv_len; ++t) {
+      if (p[t] == 0.f) continue;
+      const float w = p[t] / total;
+      for (int64_t d = 0; d < hd_; ++d) out[d] += w * Vb[t * hd_ + d];
+    }
+  }
+
+  std::vector<at::Tensor> t_;  // keeps every weight alive
+  std::vector<const float*> norms_;
+  std::vector<Lin> lins_;
+  Lin head_;
+  const float *final_norm_ = nullptr, *cos_ = nullptr, *sin_ = nullptr;
+  int64_t L_ = 0, H_ = 0, KV_ = 0, hd_ = 0, hidden_ = 0;
+  float eps_, scale_;
+};
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pocketlm_cpu, m) {
+  m.class_<DecodeStep>("DecodeStep")
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double, double>())
+      .def("step", &DecodeStep::step);
+}
