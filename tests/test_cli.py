@@ -241,6 +241,19 @@ def test_bench_writes_json_with_ratios(tmp_path, capsys):
     assert "speed-up" in out
 
 
+def test_bench_and_generate_run_the_native_step(tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    code, out, err = run(["bench", "tiny", "--native", "--repeats", "1", "--batch-sizes", "1", "--new-tokens", "8",
+                          "--prefill-tokens", "32", "--json", str(out_json)], capsys)
+    assert code == 0, err
+    result = json.loads(out_json.read_text())
+    assert result["path"] == "native" and result["rows"][0]["engine"] == "pocketlm (native)"
+    assert "native step" in out
+    code, native_out, _ = run(["generate", "tiny", "And God said", "--max-tokens", "12", "--native"], capsys)
+    code_eager, eager_out, _ = run(["generate", "tiny", "And God said", "--max-tokens", "12"], capsys)
+    assert code == code_eager == 0 and native_out == eager_out  # greedy: the same text
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["generate", "tiny", "x", "--max-tokens", "4000"], "exceed the context"),
     (["generate", "tiny", "x", "--temperature", "-1"], "temperature"),

@@ -112,6 +112,7 @@ def generate_cmd(
     stream: bool = typer.Option(False, "--stream", help="Print tokens as they are generated."),
     repair: bool = typer.Option(False, "--repair", help="Repetition self-repair: roll loops back and block them."),
     compile: bool = typer.Option(False, "--compile", help="Compile the decode step first (pays off on long outputs)."),
+    native: bool = typer.Option(False, "--native", help="One native call per decode step (CPU, fp32/int8/int4)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -130,7 +131,7 @@ def generate_cmd(
     moe = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
     _threads(threads)
     m, tok = load(model, dtype=dtype, device=device, moe=moe)
-    gen = Generator(m, tok, compile=compile)
+    gen = Generator(m, tok, compile=compile, native=native)
     if repair:
         from .runtime.repair import RepairConfig
         from .runtime.rows import decode_rows
@@ -162,6 +163,7 @@ def bench_cmd(
     prefill_tokens: int = typer.Option(512, help="Prompt length for the prefill timing."),
     repeats: int = typer.Option(5, help="Timed repeats (the median is reported)."),
     eager: bool = typer.Option(False, "--eager", help="Do not compile the decode step."),
+    native: bool = typer.Option(False, "--native", help="Time the native decode step (one C++ call per token)."),
     transformers: bool = typer.Option(False, "--transformers", help="Also time transformers' generate; print ratios."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
@@ -177,12 +179,13 @@ def bench_cmd(
     from .runtime.bench import BenchConfig, run_bench
 
     cfg = BenchConfig(batch_sizes=_batch_sizes(batch_sizes), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
-                      prefill_tokens=prefill_tokens, repeats=repeats, compile=not eager, transformers=transformers)
+                      prefill_tokens=prefill_tokens, repeats=repeats, compile=not (eager or native), native=native,
+                      transformers=transformers)
     _threads(threads)
     m, tok = load(model, dtype=dtype, device=device)
     result = run_bench(m, tok, cfg)
     result["model"] = model
-    table = Table(title=f"pocketlm bench {model} ({dtype}, {result['threads']} threads)")
+    table = Table(title=f"pocketlm bench {model} ({dtype}, {result['threads']} threads, {result['path']} step)")
     table.add_column("engine")
     table.add_column(f"prefill {prefill_tokens} ms", justify="right")
     for b in cfg.batch_sizes:

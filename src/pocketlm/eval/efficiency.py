@@ -69,7 +69,7 @@ def _prompt(tokens: torch.Tensor, batch: int, length: int) -> torch.Tensor:
 
 def engine_name(runner) -> str:
     if isinstance(runner, Generator):
-        return "pocketlm (compiled)" if runner.compiled else "pocketlm (eager)"
+        return f"pocketlm ({runner.path})"
     return "transformers.generate"
 
 

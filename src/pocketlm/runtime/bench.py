@@ -19,7 +19,8 @@ from .generate import Generator
 class BenchConfig(BaseConfig):
     """batch_sizes (1, 8); prompt_tokens (32) and new_tokens (128, forced, greedy) for decode;
     prefill_tokens (512) at batch 1; warmup (1) untimed runs, then the median of repeats (5);
-    compile: compile the decode step (True); transformers: also time HF generate and give ratios."""
+    compile: compile the decode step (True); native: the native step instead (runtime/native.py);
+    transformers: also time HF generate and give ratios."""
 
     batch_sizes: tuple[int, ...] = (1, 8)
     prompt_tokens: int = 32
@@ -28,6 +29,7 @@ class BenchConfig(BaseConfig):
     warmup: int = 1
     repeats: int = 5
     compile: bool = True
+    native: bool = False
     transformers: bool = False
 
     kind: ClassVar[str] = "bench"
@@ -39,6 +41,8 @@ class BenchConfig(BaseConfig):
         check(self.prompt_tokens >= 1 and self.prefill_tokens >= 1, "prompt lengths must be at least 1", "use 1 or more")
         check(self.new_tokens >= 2, f"new_tokens must be at least 2 (got {self.new_tokens})",
               "use 2 or more (the rate is measured between the first and the last token)")
+        check(not (self.compile and self.native), "the compiled and the native steps are two paths",
+              "choose one (--native runs without --compile)")
         check(self.repeats >= 1 and self.warmup >= 0, "repeats must be ≥ 1 and warmup ≥ 0", "use e.g. --repeats 5")
 
 
@@ -59,7 +63,7 @@ def run_bench(model, tok, cfg: BenchConfig = BenchConfig(), *, show_progress: bo
     gen = None
     for engine, batch in progress_bar(steps, "bench", show=show_progress):
         if engine == "pocketlm" and gen is None:
-            gen = Generator(model, tok, compile=cfg.compile)
+            gen = Generator(model, tok, compile=cfg.compile, native=cfg.native)
         runner = gen if engine == "pocketlm" else model
         row = rows.setdefault(engine, {"engine": engine_name(runner), "decode_tok_s": {}})
         if batch is None:
@@ -71,6 +75,7 @@ def run_bench(model, tok, cfg: BenchConfig = BenchConfig(), *, show_progress: bo
                 warmup=cfg.warmup, repeats=cfg.repeats)[0]
     rows = {k: rows[k] for k in ("pocketlm", "transformers") if k in rows}
     result = {"config": cfg.to_dict(), "rows": list(rows.values()), "threads": torch.get_num_threads(),
+              "path": gen.path,
               "compile_s": gen.compile_s if gen.compiled else None, "weights_mb": weight_bytes(model) / 2**20,
               "peak_rss_mb": peak_rss_mb(), "wall_s": time.perf_counter() - t0, "text": str(DEFAULT_TEXT)}
     if cfg.transformers:

@@ -74,6 +74,11 @@ class Generator:
         self.window = min(window) if window else None
         self.stop_tokens = _stop_tokens(model, tokenizer)
 
+    @property
+    def path(self) -> str:
+        """Which decode step runs: "native", "compiled" or "eager"."""
+        return "native" if self.native is not None else ("compiled" if self.compiled else "eager")
+
     # ---- token level -------------------------------------------------------------------------
     def start(self, prompts: Sequence[Sequence[int]], steps: int, sampling: SamplingConfig = SamplingConfig(),
               *, logits: bool = False, capture: list | None = None) -> "Decoding":

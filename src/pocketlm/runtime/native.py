@@ -68,9 +68,6 @@ def _unsupported(decoder) -> str | None:
     from ..compress.quant.linear import QuantEmbedding  # here: compress imports the runtime
     if not isinstance(decoder.embed, (nn.Embedding, QuantEmbedding)):
         return f"its embedding is a {type(decoder.embed).__name__}"
-    acts = {type(getattr(layer.mlp, "act_fn", None)).__name__ for layer in model.model.layers}
-    if not acts <= {"SiLU", "SiLUActivation"}:
-        return f"its MLP activation is {', '.join(sorted(acts))}, not SiLU"
     for i, (mods, layer) in enumerate(zip(_layer_modules(model), decoder.layers)):
         if layer.q_norm is not None or layer.window:
             return f"layer {i} has q/k norms or a sliding window"
@@ -85,6 +82,9 @@ def _unsupported(decoder) -> str | None:
                     return f"layer {i}'s {name} is a {type(mod).__name__}"
             elif _kind(mod) is None:
                 return f"layer {i}'s {name} projection is a {_describe(mod)}"
+    acts = {type(getattr(layer.mlp, "act_fn", None)).__name__ for layer in model.model.layers}
+    if not acts <= {"SiLU", "SiLUActivation"}:
+        return f"its MLP activation is {', '.join(sorted(acts))}, not SiLU"
     if _kind(model.lm_head) is None:
         return f"its LM head is a {_describe(model.lm_head)}"
     return None

@@ -1,0 +1,66 @@
+import copy
+
+import pytest
+import torch
+
+import pocketlm
+from pocketlm.compress import RTNConfig, compress_
+from pocketlm.errors import ConfigError, UnsupportedModelError
+from pocketlm.runtime import Generator
+
+from pocketlm.eval.data import DEFAULT_TEXT
+
+TEXT = DEFAULT_TEXT.read_text()
+
+
+def prompts(tok, n, chars=90):
+    step = len(TEXT) // n
+    return [tok(TEXT[i * step: i * step + chars + 7 * (i % 5)])["input_ids"] for i in range(n)]
+
+
+def engine_greedy(gen, ids, n):
+    return [int(t[0]) for t, _ in gen.generate_step([ids], n, stop_tokens=set())]
+
+
+def quantized(tiny, bits, group=32):
+    model = copy.deepcopy(tiny[0])
+    if bits:
+        compress_(model, RTNConfig(bits=bits, group_size=group, head=True), tok=tiny[1], show_progress=False)
+    return model
+
+
+@pytest.mark.parametrize("bits", [None, 8, 4])
+def test_native_logits_equal_the_eager_step(tiny, bits):
+    """A padded batch, a row that forgets tokens (masked slots): every step's logits match eager's."""
+    model, tok = quantized(tiny, bits), tiny[1]
+    eager, native = Generator(model, tok), Generator(model, tok, native=True)
+    assert native.path == "native" and eager.path == "eager"
+    batch = prompts(tok, 3)
+    runs = [g.start(batch, 24) for g in (eager, native)]
+    for step in range(20):
+        tokens, _ = runs[0].choose()
+        for run in runs:
+            if step == 8:
+                run.forget(1, 3)
+            run.advance(tokens)
+        torch.testing.assert_close(runs[1].logits(), runs[0].logits(), atol=2e-4, rtol=1e-4)
+
+
+def test_native_greedy_tokens_equal_eager_on_the_reasoner(reasoner):
+    model, tok = reasoner
+    eager, native = Generator(model, tok), Generator(model, tok, native=True)
+    for ids in prompts(tok, 16):
+        assert engine_greedy(native, ids, 12) == engine_greedy(eager, ids, 12)
+
+
+def test_native_refuses_what_it_cannot_run(tiny):
+    tok = tiny[1]
+    with pytest.raises(UnsupportedModelError, match="int3 layer in torch's tiled layout"):
+        Generator(quantized(tiny, 3), tok, native=True)
+    moe, moe_tok = pocketlm.load("moe")
+    with pytest.raises(UnsupportedModelError, match="no plain gated MLP"):
+        Generator(moe, moe_tok, native=True)
+    with pytest.raises(UnsupportedModelError, match="fp32 models on CPU"):
+        Generator(copy.deepcopy(tiny[0]).to(torch.bfloat16), tok, native=True)
+    with pytest.raises(ConfigError, match="two different paths"):
+        Generator(tiny[0], tok, native=True, compile=True)
