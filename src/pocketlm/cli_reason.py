@@ -18,7 +18,8 @@ app.add_typer(router_app, name="router")
 
 
 def _dual(model: str, *, mode: str, router: Optional[Path], policy: str, think_budget: Optional[int],
-          repair: bool, threads: Optional[int], dtype: str, device: str, moe: dict | None = None, **options):
+          repair: bool, threads: Optional[int], dtype: str, device: str, moe: dict | None = None,
+          native: bool = False, **options):
     """Load the model and build its DualSystem (errors in options are raised before the model loads)."""
     from .io import load
     from .runtime import Generator
@@ -34,7 +35,7 @@ def _dual(model: str, *, mode: str, router: Optional[Path], policy: str, think_b
     fitted = Router.load(router) if router is not None else None
     _threads(threads)
     m, tok = load(model, dtype=dtype, device=device, moe=moe)
-    return DualSystem(Generator(m, tok), mode=mode, router=fitted, policy=policy, think_budget=think_budget,
+    return DualSystem(Generator(m, tok, native=native), mode=mode, router=fitted, policy=policy, think_budget=think_budget,
                       repair=RepairConfig() if repair else None, **options)
 
 
@@ -112,6 +113,7 @@ def reason_cmd(
     budget_fallback: str = typer.Option("answer", help="At the budget: answer (after the cut thinking) or fast."),
     limit: Optional[int] = typer.Option(None, help="Answer only the first N items."),
     repair: bool = typer.Option(False, "--repair", help="Repetition self-repair while decoding."),
+    native: bool = typer.Option(False, "--native", help="Decode on the native step (CPU, fp32/int8/int4)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -124,7 +126,7 @@ def reason_cmd(
 
     items = read_tasks(tasks, limit)
     dual = _dual(model, mode=mode, router=router, policy=policy, think_budget=think_budget, repair=repair,
-                 threads=threads, dtype=dtype, device=device, budget_fallback=budget_fallback)
+                 threads=threads, dtype=dtype, device=device, budget_fallback=budget_fallback, native=native)
     result = run_tasks(dual, items, mode)
     result.update(model=model, tasks=str(tasks))
     table = Table(title=f"pocketlm reason {model} · {tasks.name}")

@@ -52,6 +52,7 @@ def serve_cmd(
     router: Optional[Path] = typer.Option(None, help="A fitted router (pocketlm router fit) for auto mode."),
     router_policy: str = typer.Option("both", help="Auto mode's rule: probe, confidence or both."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Repetition self-repair."),
+    native: bool = typer.Option(False, "--native", help="Decode on the native step (CPU, fp32/int8/int4 Llama-family)."),
     escalate_to: Optional[str] = typer.Option(None, help="Base URL of an OpenAI-compatible server for hard "
                                               "requests (auto mode), e.g. http://server:8000/v1."),
     escalate_model: Optional[str] = typer.Option(None, help="Model name on the escalation server."),
@@ -96,7 +97,7 @@ def serve_cmd(
                       ctx_size=ctx_size, queue_size=queue_size, max_tokens_limit=max_tokens_limit,
                       max_body_bytes=max_body_bytes, api_keys=_api_keys(api_key, api_key_file), thinking=thinking,
                       thinking_budget=thinking_budget, router=str(router) if router else None,
-                      router_policy=router_policy, repair=repair, escalate_to=escalate_to,
+                      router_policy=router_policy, repair=repair, native=native, escalate_to=escalate_to,
                       escalate_model=escalate_model, escalate_api_key=escalate_api_key,
                       escalate_timeout=escalate_timeout, moe=moe, candidate=shadow or canary,
                       shadow=shadow is not None, shadow_log=str(shadow_log) if shadow_log else None,

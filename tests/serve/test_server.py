@@ -28,10 +28,12 @@ def metric(server, name: str) -> float:
     raise AssertionError(f"{name} missing from /metrics")
 
 
-def test_greedy_completions_equal_the_engine_and_batch_correctly(serve, tiny):
+@pytest.mark.parametrize("native", [False, True])
+def test_greedy_completions_equal_the_engine_and_batch_correctly(serve, tiny, native):
     """Four requests over two slots join and leave the running batch; each gets exactly the tokens the
-    engine decodes for it alone (rows at different lengths share decode steps)."""
-    s = serve(model="tiny", parallel=2, repair=False)
+    engine decodes for it alone (rows at different lengths share decode steps), on the eager step and
+    on the native one."""
+    s = serve(model="tiny", parallel=2, repair=False, native=native)
     gen = Generator(*tiny)
     lengths = [24, 9, 17, 5]
     expected = [gen.generate(p, n) for p, n in zip(PROMPTS, lengths)]

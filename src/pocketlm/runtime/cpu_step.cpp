@@ -117,15 +117,30 @@ class DecodeStep : public torch::CustomClassHolder {
     cos_ = t_[ti].const_data_ptr<float>(), sin_ = t_[ti + 1].const_data_ptr<float>();
   }
 
-  // x (B, hidden) the embedded tokens; pos (B,) rope positions; the new keys/values go to `slot`,
-  // attention reads slots < slot + 1 where valid (B, max_len) is set. Returns logits (B, vocab).
-  at::Tensor step(at::Tensor x, at::Tensor pos, int64_t slot, std::vector<at::Tensor> keys,
+  // x (B, hidden) the embedded tokens; pos (B,) rope positions; row b's new key/value goes to cache
+  // slot slots[b]. Row b attends to the slots t ≤ max(slots) where valid[b, t] is set, or, with an
+  // empty `valid` (continuous batching: each row at its own length), to t ≤ slots[b].
+  // Returns logits (B, vocab).
+  at::Tensor step(at::Tensor x, at::Tensor pos, at::Tensor slots, std::vector<at::Tensor> keys,
                   std::vector<at::Tensor> values, at::Tensor valid) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden_,
                 "DecodeStep: x is (B, hidden) fp32");
     TORCH_CHECK(int64_t(keys.size()) == L_ && int64_t(values.size()) == L_, "DecodeStep: one cache per layer");
-    const int64_t B = x.size(0), S = valid.size(1), kv_len = slot + 1;
-    TORCH_CHECK(slot >= 0 && slot < S, "DecodeStep: slot outside the cache");
+    const int64_t B = x.size(0), S = keys[0].size(2);
+    TORCH_CHECK(pos.numel() == B && slots.numel() == B && pos.is_contiguous() && slots.is_contiguous(),
+                "DecodeStep: one position and one slot per row");
+    for (int64_t i = 0; i < L_; ++i)
+      TORCH_CHECK(keys[i].is_contiguous() && values[i].is_contiguous() && keys[i].size(0) == B,
+                  "DecodeStep: the caches are contiguous (B, kv heads, slots, head dim)");
+    const int64_t* slot = slots.const_data_ptr<int64_t>();
+    int64_t kv_len = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(slot[b] >= 0 && slot[b] < S, "DecodeStep: slot outside the cache");
+      kv_len = std::max(kv_len, slot[b] + 1);
+    }
+    const bool* ok = valid.numel() ? valid.const_data_ptr<bool>() : nullptr;
+    TORCH_CHECK(!ok || (valid.dim() == 2 && valid.size(0) == B && valid.size(1) == S && valid.is_contiguous()),
+                "DecodeStep: valid is (B, slots)");
     int64_t widest = hidden_;
     for (const Lin& l : lins_) widest = std::max({widest, l.N, l.K});
     at::Tensor work = at::empty({6, B, widest}, x.options());
@@ -139,7 +154,6 @@ class DecodeStep : public torch::CustomClassHolder {
     at::Tensor out = x.clone();
     float* X = out.data_ptr<float>();
     const int64_t* P = pos.const_data_ptr<int64_t>();
-    const bool* ok = valid.const_data_ptr<bool>();
     const int64_t D = hidden_, qd = H_ * hd_, kd = KV_ * hd_;
     for (int64_t i = 0; i < L_; ++i) {
       const Lin* w = &lins_[7 * i];  // q, k, v, o, gate, up, down
@@ -153,13 +167,13 @@ class DecodeStep : public torch::CustomClassHolder {
         rope(q + b * qd, H_, hd_, cos_ + P[b] * hd_, sin_ + P[b] * hd_);
         rope(k + b * kd, KV_, hd_, cos_ + P[b] * hd_, sin_ + P[b] * hd_);
         for (int64_t kh = 0; kh < KV_; ++kh) {
-          std::memcpy(Kc + ((b * KV_ + kh) * S + slot) * hd_, k + b * kd + kh * hd_, hd_ * sizeof(float));
-          std::memcpy(Vc + ((b * KV_ + kh) * S + slot) * hd_, v + b * kd + kh * hd_, hd_ * sizeof(float));
+          std::memcpy(Kc + ((b * KV_ + kh) * S + slot[b]) * hd_, k + b * kd + kh * hd_, hd_ * sizeof(float));
+          std::memcpy(Vc + ((b * KV_ + kh) * S + slot[b]) * hd_, v + b * kd + kh * hd_, hd_ * sizeof(float));
         }
       }
       float* pr = probs.data_ptr<float>();
       at::parallel_for(0, B * H_, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) attend(r, q, Kc, Vc, ok, pr + r * kv_len, a, S, kv_len);
+        for (int64_t r = r0; r < r1; ++r) attend(r, q, Kc, Vc, ok, slot, pr + r * kv_len, a, S, kv_len);
       });
       run(w[3], a, B, h, scratch);
       for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
@@ -179,15 +193,15 @@ class DecodeStep : public torch::CustomClassHolder {
 
  private:
   // query head r = b·H + qh over the slots of its KV head; writes a[b, qh·hd : (qh+1)·hd]
-  void attend(int64_t r, const float* q, const float* Kc, const float* Vc, const bool* ok, float* p, float* a,
-              int64_t S, int64_t kv_len) const {
+  void attend(int64_t r, const float* q, const float* Kc, const float* Vc, const bool* ok, const int64_t* slot,
+              float* p, float* a, int64_t S, int64_t kv_len) const {
     const int64_t b = r / H_, qh = r % H_, kh = qh / (H_ / KV_);
     const float* qv = q + b * H_ * hd_ + qh * hd_;
     const float* Kb = Kc + (b * KV_ + kh) * S * hd_;
     const float* Vb = Vc + (b * KV_ + kh) * S * hd_;
     float best = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < kv_len; ++t) {
-      if (!ok[b * S + t]) {
+      if (ok ? !ok[b * S + t] : t > slot[b]) {
         p[t] = -std::numeric_limits<float>::infinity();
         continue;
       }

@@ -124,7 +124,7 @@ class Generator:
     def _decode(self, tokens, pos, slot: int, cache, padded: bool, greedy: bool = False):
         """Logits (B, vocab) of the next position; with `greedy` (compiled only) the (tokens, logprobs)."""
         if self.native is not None:
-            return self.native(tokens, pos, slot, cache)
+            return self.native(tokens, pos, torch.full_like(pos, slot), cache, cache.valid)
         slots = torch.tensor([slot], device=tokens.device)
         if not self.compiled:
             kv = slot + 1

@@ -24,7 +24,7 @@ _FIX = "run the eager or compiled step instead (drop --native)"
 
 
 class NativeStep:
-    """Decode-step logits (B, vocab) for tokens (B, 1) at rope positions (B, 1) into a StaticCache slot."""
+    """Decode-step logits (B, vocab) for tokens (B, 1) at rope positions (B, 1) into StaticCache slots."""
 
     def __init__(self, decoder):
         reason = _unsupported(decoder)
@@ -44,9 +44,16 @@ class NativeStep:
         self.embed = decoder.embed
         self.step = torch.classes.pocketlm_cpu.DecodeStep(tensors, meta, _eps(decoder.model), float(first.scaling))
 
-    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int, cache) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, cache,
+                 valid: torch.Tensor | None) -> torch.Tensor:
+        """tokens, pos, slots (B, 1); valid (B, max_len) marks the slots each row attends (None: those up
+        to its own slot). Cache rows are contiguous views (StaticCache or its `rows`)."""
         x = self.embed(tokens[:, 0]).float().contiguous()
-        return self.step.step(x, pos[:, 0].contiguous(), slot, cache.keys, cache.values, cache.valid)
+        return self.step.step(x, pos[:, 0].contiguous(), slots[:, 0].contiguous(), cache.keys, cache.values,
+                              _EMPTY if valid is None else valid)
+
+
+_EMPTY = torch.empty(0, dtype=torch.bool)
 
 
 def _layer_modules(model) -> list[dict[str, nn.Module]]:

@@ -24,7 +24,7 @@ class ServeConfig(BaseConfig):
     max_body_bytes: largest request body. thinking: the default mode of a thinking model (fast, slow,
     auto; default: auto with a router, else slow); thinking_budget: default most thinking tokens; router:
     a fitted router directory (auto mode), router_policy: probe, confidence or both. repair: repetition
-    self-repair (on). escalate_to: base URL of an OpenAI-compatible server for hard requests (auto mode),
+    self-repair (on). native: decode steps on the native step (runtime/native.py). escalate_to: base URL of an OpenAI-compatible server for hard requests (auto mode),
     escalate_model / escalate_api_key for it, escalate_timeout seconds before answering locally.
     moe: MoEDeployConfig fields (resident, expert_memory_mb, bits_budget_mb, top_p, threshold, ...)
     changed on the artifact's saved MoE deployment (see `pocketlm.load`'s moe).
@@ -48,6 +48,7 @@ class ServeConfig(BaseConfig):
     router: str | None = None
     router_policy: str = "both"
     repair: bool = True
+    native: bool = False
     escalate_to: str | None = None
     escalate_model: str | None = None
     escalate_api_key: str | None = None
@@ -124,7 +125,7 @@ class Engine:
         if cfg.ctx_size is not None and cfg.ctx_size > limit:
             raise ConfigError(f"--ctx-size {cfg.ctx_size} exceeds the model's context of {limit}",
                               f"use at most {limit}")
-        gen = Generator(model, tok, max_context=ctx)
+        gen = Generator(model, tok, max_context=ctx, native=cfg.native)
         self.tok = tok
         self.stops = frozenset(stop_token_ids(tok)) | gen.stop_tokens
         self.has_template = bool(getattr(tok, "chat_template", None))

@@ -12,7 +12,7 @@ from ..runtime.generate import Generator
 
 
 class SlotBatch:
-    """`n_slots` rows of `ctx` tokens each over `gen`'s decoder (eager steps)."""
+    """`n_slots` rows of `ctx` tokens each over `gen`'s decoder (eager steps, or `gen`'s native step)."""
 
     def __init__(self, gen: Generator, n_slots: int, ctx: int):
         self.gen, self.n_slots, self.ctx = gen, n_slots, ctx
@@ -39,10 +39,13 @@ class SlotBatch:
         """Feed one token to each running row (rows 0..active-1); the logits (active, vocab) that follow."""
         A, dev = self.active, self.gen.decoder.device
         lengths = torch.tensor(self.lengths[:A], device=dev)
-        kv_len = int(lengths.max()) + 1
-        mask = (torch.arange(kv_len, device=dev)[None] <= lengths[:, None])[:, None, None]  # (A, 1, 1, kv)
-        ids = torch.tensor(tokens, device=dev)[:, None]
-        logits = self.gen.decoder(ids, lengths[:, None], lengths[:, None], self.cache.rows(0, A), mask, kv_len)
+        ids, rows = torch.tensor(tokens, device=dev)[:, None], self.cache.rows(0, A)
+        if self.gen.native is not None:  # each row attends up to its own slot
+            logits = self.gen.native(ids, lengths[:, None], lengths[:, None], rows, None)
+        else:
+            kv_len = int(lengths.max()) + 1
+            mask = (torch.arange(kv_len, device=dev)[None] <= lengths[:, None])[:, None, None]  # (A, 1, 1, kv)
+            logits = self.gen.decoder(ids, lengths[:, None], lengths[:, None], rows, mask, kv_len)
         for r in range(A):
             self.lengths[r] += 1
         return logits
