@@ -8,7 +8,8 @@ median over rounds of same-round ratios.
 - transformers fp32 `generate` (the baseline); pocketlm fp32 eager; fp32 compiled (`--compiled`);
 - pocketlm native step (runtime/native.py: one C++ call per token) at fp32, int8 (RTN per output
   channel) and int4 (RTN asymmetric, groups of 64: 4.5 bits per weight like Q4_0), LM head and
-  embedding as one int8 table in both; fp32 activations;
+  embedding as one int8 table in both; fp32 activations, and (`a8`) 8-bit activations per block of
+  32 with integer dot products as llama.cpp does;
 - llama.cpp through llama-cpp-python at F32, Q8_0 and Q4_0 (F16 GGUF written by pocketlm.gguf_export,
   then llama.cpp's own quantizer), batch 1 and 8 (8 sequences per llama_batch);
 - prefill ms of a 512-token prompt at batch 1 for every engine;
@@ -113,6 +114,8 @@ def main() -> None:
         engines["pocketlm fp32 compiled"] = Generator(model, tok, compile=True)
     for name, (m, _) in variants.items():
         engines[f"pocketlm {name} native"] = Generator(m, tok, native=True)
+        if name != "fp32":
+            engines[f"pocketlm {name} native a8"] = Generator(m, tok, native=True, native_activations="int8")
     for runner in engines.values():  # warm-up (and compile) outside the timed rounds
         for b in (1, 8):
             decode_tok_s(runner, tokens, batch=b, prompt_len=PROMPT, new_tokens=NEW, warmup=1, repeats=1)
@@ -147,8 +150,10 @@ def main() -> None:
                      "fraction_of_bandwidth_bound": r1 / (bw * 1e9 / read[name]),
                      "rounds_b1": rates[name][1], "rounds_b8": rates[name][8], "rounds_prefill": prefill[name]})
     vs_llama = {}
-    for ours, theirs in (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0")):
-        a, b = f"pocketlm {ours} native", f"llama.cpp {theirs}"
+    for ours, theirs in (("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("int8", "Q8_0 (a8)"),
+                         ("int4", "Q4_0 (a8)")):
+        a = f"pocketlm {ours} native" + (" a8" if "a8" in theirs else "")
+        b = "llama.cpp " + theirs.split()[0]
         vs_llama[f"{a} / {b}"] = {
             "b1": ratio(a, 1, rates[b][1]), "b8": ratio(a, 8, rates[b][8]),
             "prefill_speed": statistics.median(y / x for x, y in zip(prefill[a], prefill[b]))}

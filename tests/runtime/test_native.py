@@ -6,7 +6,7 @@ import torch
 import pocketlm
 from pocketlm.compress import RTNConfig, compress_
 from pocketlm.errors import ConfigError, UnsupportedModelError
-from pocketlm.runtime import Generator
+from pocketlm.runtime import Generator, cpu_linear
 
 from pocketlm.eval.data import DEFAULT_TEXT
 
@@ -44,6 +44,26 @@ def test_native_logits_equal_the_eager_step(tiny, bits):
                 run.forget(1, 3)
             run.advance(tokens)
         torch.testing.assert_close(runs[1].logits(), runs[0].logits(), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_with_8_bit_activations_stays_close_to_the_eager_step(tiny, bits):
+    """Integer dot products on 8-bit activations: not logits-equal, but within a few percent of them."""
+    if not cpu_linear.kernels_built() or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("8-bit activations need an AVX2 build")
+    model, tok = quantized(tiny, bits), tiny[1]
+    eager = Generator(model, tok)
+    fast = Generator(model, tok, native=True, native_activations="int8")
+    assert fast.path == "native, int8 activations"
+    runs = [g.start(prompts(tok, 2), 12) for g in (eager, fast)]
+    for _ in range(8):
+        tokens, _ = runs[0].choose()
+        for run in runs:
+            run.advance(tokens)
+        want, got = runs[0].logits(), runs[1].logits()
+        assert 0 < float((got - want).norm() / want.norm()) < 0.05
+    with pytest.raises(ConfigError, match="unknown native activations"):
+        Generator(model, tok, native=True, native_activations="int4")
 
 
 def test_native_greedy_tokens_equal_eager_on_the_reasoner(reasoner):

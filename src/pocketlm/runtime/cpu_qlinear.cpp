@@ -100,13 +100,40 @@ at::Tensor qlinear4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   qgemv(4, A, M, y.mutable_data_ptr<float>());
   return y.view(out_shape(x, N));
 }
+// The same product with 8-bit activations (quantize_act8), for tests and measurements; z empty for int8.
+at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& z) {
+  TORCH_CHECK(kAct8, "qlinear_a8 needs AVX2");
+  const int64_t bits = q.scalar_type() == at::kChar ? 8 : 4;
+  const int64_t K = bits == 8 ? q.size(1) : q.size(1) * 2, N = q.size(0), G = s.size(1);
+  check_params(x, q, s, K);
+  TORCH_CHECK(K % 32 == 0 && (K / G) % 32 == 0, "qlinear_a8: groups of whole 32-input blocks");
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  TORCH_CHECK(M <= 16, "qlinear_a8: up to 16 rows");
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, K / 32}, x.options()), sum = at::empty({M, G}, x.options());
+#ifdef __AVX2__
+  quantize_act8(x2.const_data_ptr<float>(), M, K, bits == 4, bits == 4 ? G : 0, xq.mutable_data_ptr<int8_t>(),
+                d.mutable_data_ptr<float>(), sum.mutable_data_ptr<float>());
+  Mat A{nullptr, static_cast<const uint8_t*>(q.const_data_ptr()), bf16_ptr(s), bits == 4 ? bf16_ptr(z) : nullptr,
+        K, G, N, bits == 8 ? K : K / 2};
+  at::Tensor y = at::empty({M, N}, x.options());
+  qgemv_a8(int(bits), A, Act8{xq.const_data_ptr<int8_t>(), d.const_data_ptr<float>(), sum.const_data_ptr<float>()}, M,
+           y.mutable_data_ptr<float>());
+  return y.view(out_shape(x, N));
+#else
+  return at::Tensor();
+#endif
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pocketlm_cpu, m) {
   m.def("qlinear8(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("qlinear4(Tensor x, Tensor q, Tensor s, Tensor z) -> Tensor");
+  m.def("qlinear_a8(Tensor x, Tensor q, Tensor s, Tensor z) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(pocketlm_cpu, CPU, m) {
   m.impl("qlinear8", qlinear8);
   m.impl("qlinear4", qlinear4);
+  m.impl("qlinear_a8", qlinear_a8);
 }

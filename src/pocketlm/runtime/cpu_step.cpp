@@ -32,20 +32,40 @@ const uint16_t* bf16_ptr(const at::Tensor& t) {
   return t.defined() && t.numel() ? reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()) : nullptr;
 }
 
-// Y (M, N) = X (M, K) · Wᵀ (+ bias); scratch holds M·K floats (int4 input reordering).
-void run(const Lin& L, const float* X, int64_t M, float* Y, float* scratch) {
+struct Scratch {  // per-call buffers of the linears' inputs
+  float* f;        // M·K floats: int4 inputs reordered
+  int8_t* q;       // M·K int8: 8-bit activations
+  float* d;        // M·K/32 block scales
+  float* sum;      // M·G group sums
+};
+
+// Y (M, N) = X (M, K) · Wᵀ (+ bias); act8: int8/int4 weights take 8-bit activations (cpu_kernels.h).
+void run(const Lin& L, const float* X, int64_t M, float* Y, const Scratch& sc, bool act8) {
   if (L.bits == 32) {
     for (int64_t m = 0; m < M; m += 8) linear_f32(X + m * L.K, std::min<int64_t>(8, M - m), L.W, L.bias, Y + m * L.N, L.K, L.N);
     return;
   }
-  const float* x = X;
-  if (L.bits == 4) {
-    reorder4(X, M, L.K, scratch);
-    x = scratch;
-  }
-  for (int64_t m = 0; m < M; m += 16) {
-    Mat A{x + m * L.K, L.Q, L.S, L.Z, L.K, L.G, L.N, L.bits == 8 ? L.K : L.K / 2};
-    qgemv(int(L.bits), A, std::min<int64_t>(16, M - m), Y + m * L.N);
+  const int64_t stride = L.bits == 8 ? L.K : L.K / 2;
+#ifdef __AVX2__
+  if (act8) {
+    quantize_act8(X, M, L.K, L.bits == 4, L.bits == 4 ? L.G : 0, sc.q, sc.d, sc.sum);
+    for (int64_t m = 0; m < M; m += 16) {
+      Mat A{nullptr, L.Q, L.S, L.Z, L.K, L.G, L.N, stride};
+      Act8 X8{sc.q + m * L.K, sc.d + m * (L.K / 32), sc.sum + m * L.G};
+      qgemv_a8(int(L.bits), A, X8, std::min<int64_t>(16, M - m), Y + m * L.N);
+    }
+  } else
+#endif
+  {
+    const float* x = X;
+    if (L.bits == 4) {
+      reorder4(X, M, L.K, sc.f);
+      x = sc.f;
+    }
+    for (int64_t m = 0; m < M; m += 16) {
+      Mat A{x + m * L.K, L.Q, L.S, L.Z, L.K, L.G, L.N, stride};
+      qgemv(int(L.bits), A, std::min<int64_t>(16, M - m), Y + m * L.N);
+    }
   }
   if (L.bias)
     for (int64_t m = 0; m < M; ++m)
@@ -90,8 +110,10 @@ class DecodeStep : public torch::CustomClassHolder {
   // tensors: per layer [in_norm, post_norm] + 7 linears × [weight-or-codes, scales, zeros, bias], then
   // final norm, the head's 4, cos, sin. meta: n_layers, n_heads, n_kv, head_dim, hidden, then per
   // linear (7 per layer, then the head) bits, N, K, G.
-  DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, double eps, double scale)
-      : t_(std::move(tensors)), eps_(float(eps)), scale_(float(scale)) {
+  // act8: int8/int4 linears quantize their inputs to 8 bits per block of 32 (integer dot products).
+  DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, double eps, double scale, bool act8)
+      : t_(std::move(tensors)), eps_(float(eps)), scale_(float(scale)), act8_(act8) {
+    TORCH_CHECK(!act8 || kAct8, "8-bit activations need AVX2");
     L_ = meta[0], H_ = meta[1], KV_ = meta[2], hd_ = meta[3], hidden_ = meta[4];
     size_t ti = 0, mi = 5;
     auto lin = [&]() {
@@ -144,13 +166,16 @@ class DecodeStep : public torch::CustomClassHolder {
     int64_t widest = hidden_;
     for (const Lin& l : lins_) widest = std::max({widest, l.N, l.K});
     at::Tensor work = at::empty({6, B, widest}, x.options());
+    at::Tensor q8 = at::empty({B * widest + 64}, x.options().dtype(at::kChar));
+    at::Tensor d8 = at::empty({2, B * widest / 32 + 16}, x.options());
     at::Tensor probs = at::empty({B * H_, kv_len}, x.options());
     float* h = work[0].data_ptr<float>();
     float* q = work[1].data_ptr<float>();
     float* k = work[2].data_ptr<float>();
     float* v = work[3].data_ptr<float>();
     float* a = work[4].data_ptr<float>();
-    float* scratch = work[5].data_ptr<float>();
+    const Scratch scratch{work[5].data_ptr<float>(), q8.data_ptr<int8_t>(), d8[0].data_ptr<float>(),
+                          d8[1].data_ptr<float>()};
     at::Tensor out = x.clone();
     float* X = out.data_ptr<float>();
     const int64_t* P = pos.const_data_ptr<int64_t>();
@@ -158,9 +183,9 @@ class DecodeStep : public torch::CustomClassHolder {
     for (int64_t i = 0; i < L_; ++i) {
       const Lin* w = &lins_[7 * i];  // q, k, v, o, gate, up, down
       rms_norm(X, norms_[2 * i], h, B, D, eps_);
-      run(w[0], h, B, q, scratch);
-      run(w[1], h, B, k, scratch);
-      run(w[2], h, B, v, scratch);
+      run(w[0], h, B, q, scratch, act8_);
+      run(w[1], h, B, k, scratch, act8_);
+      run(w[2], h, B, v, scratch, act8_);
       float* Kc = keys[i].data_ptr<float>();
       float* Vc = values[i].data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
@@ -175,19 +200,19 @@ class DecodeStep : public torch::CustomClassHolder {
       at::parallel_for(0, B * H_, 1, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) attend(r, q, Kc, Vc, ok, slot, pr + r * kv_len, a, S, kv_len);
       });
-      run(w[3], a, B, h, scratch);
+      run(w[3], a, B, h, scratch, act8_);
       for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
       rms_norm(X, norms_[2 * i + 1], h, B, D, eps_);
       const int64_t I = w[4].N;
-      run(w[4], h, B, q, scratch);  // gate
-      run(w[5], h, B, k, scratch);  // up
+      run(w[4], h, B, q, scratch, act8_);  // gate
+      run(w[5], h, B, k, scratch, act8_);  // up
       for (int64_t j = 0; j < B * I; ++j) a[j] = q[j] / (1.0f + std::exp(-q[j])) * k[j];
-      run(w[6], a, B, h, scratch);
+      run(w[6], a, B, h, scratch, act8_);
       for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
     }
     rms_norm(X, final_norm_, h, B, D, eps_);
     at::Tensor logits = at::empty({B, head_.N}, x.options());
-    run(head_, h, B, logits.data_ptr<float>(), scratch);
+    run(head_, h, B, logits.data_ptr<float>(), scratch, act8_);
     return logits;
   }
 
@@ -226,11 +251,12 @@ class DecodeStep : public torch::CustomClassHolder {
   const float *final_norm_ = nullptr, *cos_ = nullptr, *sin_ = nullptr;
   int64_t L_ = 0, H_ = 0, KV_ = 0, hd_ = 0, hidden_ = 0;
   float eps_, scale_;
+  bool act8_;
 };
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pocketlm_cpu, m) {
   m.class_<DecodeStep>("DecodeStep")
-      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double, double>())
+      .def(torch::init<std::vector<at::Tensor>, std::vector<int64_t>, double, double, bool>())
       .def("step", &DecodeStep::step);
 }

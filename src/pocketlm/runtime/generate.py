@@ -50,13 +50,14 @@ class Generator:
 
     compile: False runs eagerly; True compiles the decode step (compile time is reported apart, in
     `compile_s`). native: one C++ call per decode step (runtime/native.py; CPU, fp32 models with fp32/
-    int8/int4 linears; prefill stays eager). max_context defaults to the model's `max_position_embeddings`. Building a Generator
+    int8/int4 linears; prefill stays eager); native_activations "int8": its int8/int4 linears take
+    8-bit activations (faster, not logits-equal). max_context defaults to the model's `max_position_embeddings`. Building a Generator
     packs the model's plain q/k/v and gate/up weights in place (same values, same memory). One
     request runs at a time: compiled steps reuse their cache.
     """
 
     def __init__(self, model, tokenizer, *, compile: bool = False, native: bool = False,
-                 max_context: int | None = None):
+                 native_activations: str = "fp32", max_context: int | None = None):
         cfg = model.config
         self.max_context = int(max_context or getattr(cfg, "max_position_embeddings", 2048))
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -64,7 +65,7 @@ class Generator:
         if compile and native:
             raise ConfigError("the compiled and the native decode steps are two different paths", "choose one")
         self.compiled = compile
-        self.native = NativeStep(self.decoder) if native else None
+        self.native = NativeStep(self.decoder, native_activations) if native else None
         if compile:  # compiled kernels persist across runs here (inductor's default is /tmp)
             os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "pocketlm" / "inductor"))
         self.compile_s: float = 0.0  # seconds spent compiling, apart from generation time
@@ -77,7 +78,9 @@ class Generator:
     @property
     def path(self) -> str:
         """Which decode step runs: "native", "compiled" or "eager"."""
-        return "native" if self.native is not None else ("compiled" if self.compiled else "eager")
+        if self.native is not None:
+            return "native" if self.native.activations == "fp32" else "native, int8 activations"
+        return "compiled" if self.compiled else "eager"
 
     # ---- token level -------------------------------------------------------------------------
     def start(self, prompts: Sequence[Sequence[int]], steps: int, sampling: SamplingConfig = SamplingConfig(),

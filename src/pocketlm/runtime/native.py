@@ -4,7 +4,10 @@ The eager step pays Python and dispatcher costs per op (~10 ops per layer, 30 la
 the compiled one its region entry and inductor's small kernels; both are fixed costs paid per token
 that weigh most at batch 1 on small models. The native step runs every layer in one call on the
 same kernels the eager path uses for its linears (cpu_kernels.h: fp32, int8, int4 with fp32
-activations), so its logits match the eager path's within float rounding.
+activations), so its logits match the eager path's within float rounding. With
+`activations="int8"` the int8/int4 linears quantize their inputs to 8 bits per block of 32 and use
+integer dot products (llama.cpp's approach: faster at batch 1, ~0.5–1% relative error per layer
+output, so greedy tokens may differ from the eager path's).
 
 It takes the decoder as FastDecoder holds it (weights are not copied): plain layers only — RMSNorm,
 q/k/v (optional bias), rotate-half rope, grouped attention without q/k norms or sliding window, a
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from . import cpu_linear
 
 _FIX = "run the eager or compiled step instead (drop --native)"
@@ -26,8 +29,10 @@ _FIX = "run the eager or compiled step instead (drop --native)"
 class NativeStep:
     """Decode-step logits (B, vocab) for tokens (B, 1) at rope positions (B, 1) into StaticCache slots."""
 
-    def __init__(self, decoder):
-        reason = _unsupported(decoder)
+    def __init__(self, decoder, activations: str = "fp32"):
+        if activations not in ("fp32", "int8"):
+            raise ConfigError(f"unknown native activations '{activations}'", "use fp32 or int8")
+        reason = _unsupported(decoder, activations == "int8")
         if reason:
             raise UnsupportedModelError(f"the native decode step does not run this model: {reason}", _FIX)
         cpu_linear.build_kernel()  # its ConfigError names the fix
@@ -42,7 +47,9 @@ class NativeStep:
         _add_linear(decoder.model.lm_head, tensors, meta)
         tensors += [decoder.cos.contiguous(), decoder.sin.contiguous()]
         self.embed = decoder.embed
-        self.step = torch.classes.pocketlm_cpu.DecodeStep(tensors, meta, _eps(decoder.model), float(first.scaling))
+        self.activations = activations
+        self.step = torch.classes.pocketlm_cpu.DecodeStep(tensors, meta, _eps(decoder.model), float(first.scaling),
+                                                          activations == "int8")
 
     def __call__(self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, cache,
                  valid: torch.Tensor | None) -> torch.Tensor:
@@ -67,8 +74,8 @@ def _layer_modules(model) -> list[dict[str, nn.Module]]:
     return out
 
 
-def _unsupported(decoder) -> str | None:
-    """Why the native step cannot run this decoder, or None."""
+def _unsupported(decoder, act8: bool) -> str | None:
+    """Why the native step cannot run this decoder (with 8-bit activations: `act8`), or None."""
     model = decoder.model
     if decoder.device.type != "cpu" or decoder.dtype != torch.float32:
         return f"it runs fp32 models on CPU (this one is {decoder.dtype} on {decoder.device.type})"
@@ -89,6 +96,8 @@ def _unsupported(decoder) -> str | None:
                     return f"layer {i}'s {name} is a {type(mod).__name__}"
             elif _kind(mod) is None:
                 return f"layer {i}'s {name} projection is a {_describe(mod)}"
+            elif act8 and _kind(mod) != 32 and (mod.in_features % 32 or mod.scheme.group(mod.in_features) % 32):
+                return f"layer {i}'s {name} projection's width or group is no multiple of 32 (8-bit activations)"
     acts = {type(getattr(layer.mlp, "act_fn", None)).__name__ for layer in model.model.layers}
     if not acts <= {"SiLU", "SiLUActivation"}:
         return f"its MLP activation is {', '.join(sorted(acts))}, not SiLU"
