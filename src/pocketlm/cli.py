@@ -113,6 +113,8 @@ def generate_cmd(
     repair: bool = typer.Option(False, "--repair", help="Repetition self-repair: roll loops back and block them."),
     compile: bool = typer.Option(False, "--compile", help="Compile the decode step first (pays off on long outputs)."),
     native: bool = typer.Option(False, "--native", help="One native call per decode step (CPU, fp32/int8/int4)."),
+    native_activations: str = typer.Option("fp32", help="With --native: fp32, or int8 (integer dot products, faster, "
+                                                        "not logits-equal)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto."),
@@ -131,7 +133,7 @@ def generate_cmd(
     moe = moe_overrides(resident_experts, expert_memory_mb, expert_bits_mb, moe_top_p, moe_threshold)
     _threads(threads)
     m, tok = load(model, dtype=dtype, device=device, moe=moe)
-    gen = Generator(m, tok, compile=compile, native=native)
+    gen = Generator(m, tok, compile=compile, native=native, native_activations=native_activations)
     if repair:
         from .runtime.repair import RepairConfig
         from .runtime.rows import decode_rows
@@ -164,6 +166,7 @@ def bench_cmd(
     repeats: int = typer.Option(5, help="Timed repeats (the median is reported)."),
     eager: bool = typer.Option(False, "--eager", help="Do not compile the decode step."),
     native: bool = typer.Option(False, "--native", help="Time the native decode step (one C++ call per token)."),
+    native_activations: str = typer.Option("fp32", help="With --native: fp32 or int8 activations."),
     transformers: bool = typer.Option(False, "--transformers", help="Also time transformers' generate; print ratios."),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
@@ -180,6 +183,7 @@ def bench_cmd(
 
     cfg = BenchConfig(batch_sizes=_batch_sizes(batch_sizes), prompt_tokens=prompt_tokens, new_tokens=new_tokens,
                       prefill_tokens=prefill_tokens, repeats=repeats, compile=not (eager or native), native=native,
+                      native_activations=native_activations,
                       transformers=transformers)
     _threads(threads)
     m, tok = load(model, dtype=dtype, device=device)

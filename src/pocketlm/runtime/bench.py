@@ -19,7 +19,8 @@ from .generate import Generator
 class BenchConfig(BaseConfig):
     """batch_sizes (1, 8); prompt_tokens (32) and new_tokens (128, forced, greedy) for decode;
     prefill_tokens (512) at batch 1; warmup (1) untimed runs, then the median of repeats (5);
-    compile: compile the decode step (True); native: the native step instead (runtime/native.py);
+    compile: compile the decode step (True); native: the native step instead (runtime/native.py), with
+    native_activations fp32 or int8;
     transformers: also time HF generate and give ratios."""
 
     batch_sizes: tuple[int, ...] = (1, 8)
@@ -30,6 +31,7 @@ class BenchConfig(BaseConfig):
     repeats: int = 5
     compile: bool = True
     native: bool = False
+    native_activations: str = "fp32"
     transformers: bool = False
 
     kind: ClassVar[str] = "bench"
@@ -43,6 +45,8 @@ class BenchConfig(BaseConfig):
               "use 2 or more (the rate is measured between the first and the last token)")
         check(not (self.compile and self.native), "the compiled and the native steps are two paths",
               "choose one (--native runs without --compile)")
+        check(self.native_activations in ("fp32", "int8"), f"unknown native activations '{self.native_activations}'",
+              "use fp32 or int8")
         check(self.repeats >= 1 and self.warmup >= 0, "repeats must be ≥ 1 and warmup ≥ 0", "use e.g. --repeats 5")
 
 
@@ -63,7 +67,8 @@ def run_bench(model, tok, cfg: BenchConfig = BenchConfig(), *, show_progress: bo
     gen = None
     for engine, batch in progress_bar(steps, "bench", show=show_progress):
         if engine == "pocketlm" and gen is None:
-            gen = Generator(model, tok, compile=cfg.compile, native=cfg.native)
+            gen = Generator(model, tok, compile=cfg.compile, native=cfg.native,
+                            native_activations=cfg.native_activations)
         runner = gen if engine == "pocketlm" else model
         row = rows.setdefault(engine, {"engine": engine_name(runner), "decode_tok_s": {}})
         if batch is None:
