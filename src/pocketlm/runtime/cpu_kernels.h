@@ -71,7 +71,9 @@ struct Mat {  // one quantized weight and its input
 // Y[m, n] for weight rows n in [n0, n1), R rows at a time. Codes are dequantized in registers (one
 // multiply, or FMA with the zero, per code vector, shared by the M input rows), so the accumulators
 // are M x R vectors only: AVX2 has 16 registers.
-template <int BITS, int M, int R>
+// ROW_SCALE (int8 with one scale per row): codes are summed as they are and the row's sum scaled once,
+// one multiply per code vector fewer (~20% of the instructions at batch 1).
+template <int BITS, int M, int R, bool ROW_SCALE = false>
 void rows(const Mat& A, float* Y, int64_t n0, int64_t n1) {
   constexpr int STEP = BITS == 8 ? V : 2 * V;  // inputs per iteration
   const int64_t g = A.K / A.G;
@@ -93,7 +95,9 @@ void rows(const Mat& A, float* Y, int64_t n0, int64_t n1) {
         for (int r = 0; r < R; ++r) {
           const uint8_t* q = A.Q + (n + r) * A.stride + k * BITS / 8;
           __builtin_prefetch(q + 1024);
-          if constexpr (BITS == 8) {
+          if constexpr (ROW_SCALE) {
+            lo[r] = load8(q);
+          } else if constexpr (BITS == 8) {
             lo[r] = load8(q) * s[r];
           } else {
             load4(q, lo[r], hi[r]);
@@ -115,20 +119,25 @@ void rows(const Mat& A, float* Y, int64_t n0, int64_t n1) {
         for (int r = 0; r < R; ++r)
           for (int m = 0; m < M; ++m)
             for (int64_t j = k; j < k1; ++j)
-              tail[m][r] += A.X[m * A.K + j] * float(int8_t(A.Q[(n + r) * A.stride + j])) * s[r][0];
+              tail[m][r] += A.X[m * A.K + j] * float(int8_t(A.Q[(n + r) * A.stride + j])) * (ROW_SCALE ? 1.f : s[r][0]);
     }
     for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) Y[m * A.N + n + r] = hsum(acc[m][r]) + tail[m][r];
+      for (int r = 0; r < R; ++r) {
+        const float y = hsum(acc[m][r]) + tail[m][r];
+        Y[m * A.N + n + r] = ROW_SCALE ? y * bf16(A.S + (n + r)) : y;
+      }
   }
-  if (n < n1) rows<BITS, M, 1>(A, Y, n, n1);
+  if (n < n1) rows<BITS, M, 1, ROW_SCALE>(A, Y, n, n1);
 }
 
 template <int BITS, int M>
 void gemv(const Mat& A, float* Y) {
   constexpr int R = M <= 2 ? 4 : (M <= 4 ? 2 : 1);  // accumulators that stay in registers
   constexpr int64_t block = 16;                     // weight rows per work item
+  const bool row_scale = BITS == 8 && A.G == 1;
   at::parallel_for(0, (A.N + block - 1) / block, 1, [&](int64_t b0, int64_t b1) {
-    rows<BITS, M, R>(A, Y, b0 * block, std::min(A.N, b1 * block));
+    if (row_scale) rows<BITS, M, R, true>(A, Y, b0 * block, std::min(A.N, b1 * block));
+    else rows<BITS, M, R>(A, Y, b0 * block, std::min(A.N, b1 * block));
   });
 }
 
