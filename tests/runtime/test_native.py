@@ -84,3 +84,30 @@ def test_native_refuses_what_it_cannot_run(tiny):
         Generator(copy.deepcopy(tiny[0]).to(torch.bfloat16), tok, native=True)
     with pytest.raises(ConfigError, match="two different paths"):
         Generator(tiny[0], tok, native=True, compile=True)
+
+
+@pytest.mark.parametrize("activations", ["fp32", "int8"])
+def test_native_layers_of_mixed_widths_prepare_each_input_for_its_own_kernel(tiny, activations):
+    """q int4, k int8, v fp32 (and gate int8 beside up int4) read the same input: each kernel gets it
+    in its own form, not the copy prepared for the previous width."""
+    from pocketlm.compress.quant.linear import QuantLinear
+    from pocketlm.compress.quant.primitives import Scheme
+    model, tok = quantized(tiny, 4), tiny[1]
+    floats = tiny[0].model.layers[0]
+    layer = model.model.layers[0]
+    layer.self_attn.k_proj = QuantLinear.from_linear(floats.self_attn.k_proj, Scheme(8))
+    layer.self_attn.v_proj = copy.deepcopy(floats.self_attn.v_proj)
+    layer.mlp.gate_proj = QuantLinear.from_linear(floats.mlp.gate_proj, Scheme(8))
+    eager = Generator(model, tok)
+    native = Generator(model, tok, native=True, native_activations=activations)
+    runs = [g.start(prompts(tok, 2), 6) for g in (eager, native)]
+    tol = 2e-4 if activations == "fp32" else None
+    for _ in range(4):
+        tokens, _ = runs[0].choose()
+        for run in runs:
+            run.advance(tokens)
+        want, got = runs[0].logits(), runs[1].logits()
+        if tol:
+            torch.testing.assert_close(got, want, atol=tol, rtol=1e-4)
+        else:
+            assert float((got - want).norm() / want.norm()) < 0.05

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -176,6 +177,23 @@ inline void reorder4(const float* X, int64_t M, int64_t K, float* out) {
       }
 }
 
+// y (M, N) = x (M, K) · Wᵀ for any M on the decode kernels (16 rows per pass); A's X is ignored.
+// int4 reorders its inputs into `scratch` (M·K floats), unless `prepared` says it holds them already.
+inline void qlinear_rows(int bits, const float* X, int64_t M, Mat A, float* Y, float* scratch, bool prepared = false) {
+  if (bits == 4) {
+    if (!prepared) reorder4(X, M, A.K, scratch);
+    X = scratch;
+  }
+  for (int64_t m = 0; m < M; m += 16) {
+    A.X = X + m * A.K;
+    qgemv(bits, A, std::min<int64_t>(16, M - m), Y + m * A.N);
+  }
+}
+
+inline const uint16_t* bf16_ptr(const at::Tensor& t) {  // null for an undefined or empty tensor
+  return t.defined() && t.numel() ? reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()) : nullptr;
+}
+
 // ---- 8-bit activations: integer dot products (llama.cpp's approach) -------------------------------
 // Each block of 32 inputs of each row is quantized to int8 with its own scale (max |x| / 127); int4
 // blocks keep their inputs in a byte run's nibble order (16 evens, then 16 odds). A block's dot
@@ -305,6 +323,16 @@ inline void qgemv_a8(int bits, const Mat& A, Act8 X, int64_t M, float* Y) {
     }
 #undef POCKETLM_A8
   }
+}
+
+// The same as qlinear_rows with 8-bit activations; q (M·K), d (M·K/32), sum (M·G) are scratch
+// (`prepared`: they hold X quantized for these bits already).
+inline void qlinear_rows_a8(int bits, const float* X, int64_t M, const Mat& A, float* Y, int8_t* q, float* d,
+                            float* sum, bool prepared = false) {
+  if (!prepared) quantize_act8(X, M, A.K, bits == 4, bits == 4 ? A.G : 0, q, d, sum);
+  for (int64_t m = 0; m < M; m += 16)
+    qgemv_a8(bits, A, Act8{q + m * A.K, d + m * (A.K / 32), sum + m * A.G}, std::min<int64_t>(16, M - m),
+             Y + m * A.N);
 }
 #else
 constexpr bool kAct8 = false;

@@ -51,17 +51,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 def qlinear8(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
     """fp32 x (.., K) @ (int8 codes q (N, K) · bf16 scales (N, G) per group)ᵀ; None where the kernel
     cannot be built (the caller then takes torch's bf16 kernel)."""
-    if not torch.compiler.is_compiling() and not _ensure_built():
+    if not torch.compiler.is_compiling() and not kernels_built():
         return None
     return torch.ops.pocketlm_cpu.qlinear8(x, q, scales)
 
 
 def kernels_built() -> bool:
     """pocketlm's CPU kernels are loaded (built now if need be); False where they cannot be built."""
-    return _ensure_built()
-
-
-def _ensure_built() -> bool:
     global _unbuildable
     if _built:
         return True

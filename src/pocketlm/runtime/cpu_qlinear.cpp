@@ -64,10 +64,6 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t N) {
   return shape;
 }
 
-const uint16_t* bf16_ptr(const at::Tensor& t) {
-  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>());
-}
-
 at::Tensor qlinear8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
   TORCH_CHECK(q.scalar_type() == at::kChar, "qlinear8: codes are int8");
   const int64_t K = q.size(1), N = q.size(0);
@@ -93,11 +89,8 @@ at::Tensor qlinear4(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   const int64_t M = x2.size(0);
   Mat A{x2.const_data_ptr<float>(), q.const_data_ptr<uint8_t>(), bf16_ptr(s), bf16_ptr(z), K, G, N, K / 2};
   if (M > 16) return prefill<4>(x2, A).view(out_shape(x, N));
-  at::Tensor xp = at::empty_like(x2);
-  reorder4(x2.const_data_ptr<float>(), M, K, xp.mutable_data_ptr<float>());
-  A.X = xp.const_data_ptr<float>();
-  at::Tensor y = at::empty({M, N}, x.options());
-  qgemv(4, A, M, y.mutable_data_ptr<float>());
+  at::Tensor xp = at::empty_like(x2), y = at::empty({M, N}, x.options());
+  qlinear_rows(4, x2.const_data_ptr<float>(), M, A, y.mutable_data_ptr<float>(), xp.mutable_data_ptr<float>());
   return y.view(out_shape(x, N));
 }
 // The same product with 8-bit activations (quantize_act8), for tests and measurements; z empty for int8.
@@ -109,17 +102,14 @@ at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& q, const at::Tensor
   TORCH_CHECK(K % 32 == 0 && (K / G) % 32 == 0, "qlinear_a8: groups of whole 32-input blocks");
   at::Tensor x2 = x.reshape({-1, K}).contiguous();
   const int64_t M = x2.size(0);
-  TORCH_CHECK(M <= 16, "qlinear_a8: up to 16 rows");
   at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
   at::Tensor d = at::empty({M, K / 32}, x.options()), sum = at::empty({M, G}, x.options());
 #ifdef __AVX2__
-  quantize_act8(x2.const_data_ptr<float>(), M, K, bits == 4, bits == 4 ? G : 0, xq.mutable_data_ptr<int8_t>(),
-                d.mutable_data_ptr<float>(), sum.mutable_data_ptr<float>());
-  Mat A{nullptr, static_cast<const uint8_t*>(q.const_data_ptr()), bf16_ptr(s), bits == 4 ? bf16_ptr(z) : nullptr,
-        K, G, N, bits == 8 ? K : K / 2};
+  Mat A{nullptr, static_cast<const uint8_t*>(q.const_data_ptr()), bf16_ptr(s), bf16_ptr(z), K, G, N,
+        bits == 8 ? K : K / 2};
   at::Tensor y = at::empty({M, N}, x.options());
-  qgemv_a8(int(bits), A, Act8{xq.const_data_ptr<int8_t>(), d.const_data_ptr<float>(), sum.const_data_ptr<float>()}, M,
-           y.mutable_data_ptr<float>());
+  qlinear_rows_a8(int(bits), x2.const_data_ptr<float>(), M, A, y.mutable_data_ptr<float>(),
+                  xq.mutable_data_ptr<int8_t>(), d.mutable_data_ptr<float>(), sum.mutable_data_ptr<float>());
   return y.view(out_shape(x, N));
 #else
   return at::Tensor();

@@ -28,45 +28,31 @@ struct Lin {  // one linear layer as the kernels take it
   const float* bias = nullptr;
 };
 
-const uint16_t* bf16_ptr(const at::Tensor& t) {
-  return t.defined() && t.numel() ? reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()) : nullptr;
-}
-
 struct Scratch {  // per-call buffers of the linears' inputs
   float* f;        // M·K floats: int4 inputs reordered
   int8_t* q;       // M·K int8: 8-bit activations
   float* d;        // M·K/32 block scales
   float* sum;      // M·G group sums
+  int64_t bits;    // the width the buffers were last prepared for (0: none)
 };
 
 // Y (M, N) = X (M, K) · Wᵀ (+ bias); act8: int8/int4 weights take 8-bit activations (cpu_kernels.h).
-void run(const Lin& L, const float* X, int64_t M, float* Y, const Scratch& sc, bool act8) {
+// same_input: X is the previous call's input (k, v after q; up after gate), so its reordered or
+// quantized copy is reused when that call's width was the same.
+void run(const Lin& L, const float* X, int64_t M, float* Y, Scratch& sc, bool act8, bool same_input = false) {
   if (L.bits == 32) {
     for (int64_t m = 0; m < M; m += 8) linear_f32(X + m * L.K, std::min<int64_t>(8, M - m), L.W, L.bias, Y + m * L.N, L.K, L.N);
+    sc.bits = 0;  // nothing prepared
     return;
   }
-  const int64_t stride = L.bits == 8 ? L.K : L.K / 2;
+  const Mat A{nullptr, L.Q, L.S, L.Z, L.K, L.G, L.N, L.bits == 8 ? L.K : L.K / 2};
+  const bool prepared = same_input && sc.bits == L.bits;
+  sc.bits = L.bits;
 #ifdef __AVX2__
-  if (act8) {
-    quantize_act8(X, M, L.K, L.bits == 4, L.bits == 4 ? L.G : 0, sc.q, sc.d, sc.sum);
-    for (int64_t m = 0; m < M; m += 16) {
-      Mat A{nullptr, L.Q, L.S, L.Z, L.K, L.G, L.N, stride};
-      Act8 X8{sc.q + m * L.K, sc.d + m * (L.K / 32), sc.sum + m * L.G};
-      qgemv_a8(int(L.bits), A, X8, std::min<int64_t>(16, M - m), Y + m * L.N);
-    }
-  } else
+  if (act8) qlinear_rows_a8(int(L.bits), X, M, A, Y, sc.q, sc.d, sc.sum, prepared);
+  else
 #endif
-  {
-    const float* x = X;
-    if (L.bits == 4) {
-      reorder4(X, M, L.K, sc.f);
-      x = sc.f;
-    }
-    for (int64_t m = 0; m < M; m += 16) {
-      Mat A{x + m * L.K, L.Q, L.S, L.Z, L.K, L.G, L.N, stride};
-      qgemv(int(L.bits), A, std::min<int64_t>(16, M - m), Y + m * L.N);
-    }
-  }
+    qlinear_rows(int(L.bits), X, M, A, Y, sc.f, prepared);
   if (L.bias)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < L.N; ++n) Y[m * L.N + n] += L.bias[n];
@@ -135,6 +121,8 @@ class DecodeStep : public torch::CustomClassHolder {
       for (int j = 0; j < 7; ++j) lins_.push_back(lin());
     }
     final_norm_ = t_[ti++].const_data_ptr<float>();
+    widest_ = hidden_;
+    for (const Lin& l : lins_) widest_ = std::max({widest_, l.N, l.K});
     head_ = lin();
     cos_ = t_[ti].const_data_ptr<float>(), sin_ = t_[ti + 1].const_data_ptr<float>();
   }
@@ -163,8 +151,7 @@ class DecodeStep : public torch::CustomClassHolder {
     const bool* ok = valid.numel() ? valid.const_data_ptr<bool>() : nullptr;
     TORCH_CHECK(!ok || (valid.dim() == 2 && valid.size(0) == B && valid.size(1) == S && valid.is_contiguous()),
                 "DecodeStep: valid is (B, slots)");
-    int64_t widest = hidden_;
-    for (const Lin& l : lins_) widest = std::max({widest, l.N, l.K});
+    const int64_t widest = widest_;
     at::Tensor work = at::empty({6, B, widest}, x.options());
     at::Tensor q8 = at::empty({B * widest + 64}, x.options().dtype(at::kChar));
     at::Tensor d8 = at::empty({2, B * widest / 32 + 16}, x.options());
@@ -174,8 +161,8 @@ class DecodeStep : public torch::CustomClassHolder {
     float* k = work[2].data_ptr<float>();
     float* v = work[3].data_ptr<float>();
     float* a = work[4].data_ptr<float>();
-    const Scratch scratch{work[5].data_ptr<float>(), q8.data_ptr<int8_t>(), d8[0].data_ptr<float>(),
-                          d8[1].data_ptr<float>()};
+    Scratch scratch{work[5].data_ptr<float>(), q8.data_ptr<int8_t>(), d8[0].data_ptr<float>(),
+                    d8[1].data_ptr<float>(), 0};
     at::Tensor out = x.clone();
     float* X = out.data_ptr<float>();
     const int64_t* P = pos.const_data_ptr<int64_t>();
@@ -184,8 +171,8 @@ class DecodeStep : public torch::CustomClassHolder {
       const Lin* w = &lins_[7 * i];  // q, k, v, o, gate, up, down
       rms_norm(X, norms_[2 * i], h, B, D, eps_);
       run(w[0], h, B, q, scratch, act8_);
-      run(w[1], h, B, k, scratch, act8_);
-      run(w[2], h, B, v, scratch, act8_);
+      run(w[1], h, B, k, scratch, act8_, true);
+      run(w[2], h, B, v, scratch, act8_, true);
       float* Kc = keys[i].data_ptr<float>();
       float* Vc = values[i].data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
@@ -205,7 +192,7 @@ class DecodeStep : public torch::CustomClassHolder {
       rms_norm(X, norms_[2 * i + 1], h, B, D, eps_);
       const int64_t I = w[4].N;
       run(w[4], h, B, q, scratch, act8_);  // gate
-      run(w[5], h, B, k, scratch, act8_);  // up
+      run(w[5], h, B, k, scratch, act8_, true);  // up
       for (int64_t j = 0; j < B * I; ++j) a[j] = q[j] / (1.0f + std::exp(-q[j])) * k[j];
       run(w[6], a, B, h, scratch, act8_);
       for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
@@ -249,7 +236,7 @@ class DecodeStep : public torch::CustomClassHolder {
   std::vector<Lin> lins_;
   Lin head_;
   const float *final_norm_ = nullptr, *cos_ = nullptr, *sin_ = nullptr;
-  int64_t L_ = 0, H_ = 0, KV_ = 0, hd_ = 0, hidden_ = 0;
+  int64_t L_ = 0, H_ = 0, KV_ = 0, hd_ = 0, hidden_ = 0, widest_ = 0;  // widest: of any linear's in/out
   float eps_, scale_;
   bool act8_;
 };
