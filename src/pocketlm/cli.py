@@ -463,7 +463,7 @@ def demo_cmd(
     out.print(f"report: {path / 'report.html'}")
 
 
-from . import cli_distill, cli_fleet, cli_moe, cli_reason, cli_serve  # noqa: E402,F401  (register their commands on `app`)
+from . import cli_distill, cli_fleet, cli_moe, cli_reason, cli_rl, cli_serve  # noqa: E402,F401  (register their commands on `app`)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,18 +23,20 @@ def _dual(model: str, *, mode: str, router: Optional[Path], policy: str, think_b
     """Load the model and build its DualSystem (errors in options are raised before the model loads)."""
     from .io import load
     from .runtime import Generator
+    from .runtime.choice import chooses_mode
     from .runtime.dual import DualSystem
     from .runtime.repair import RepairConfig
     from .runtime.router import Router
 
     if mode not in ("fast", "slow", "auto"):
         raise ConfigError(f"unknown mode '{mode}'", "use fast, slow or auto")
-    if mode == "auto" and router is None:
-        raise ConfigError("auto mode needs a router", "fit one with `pocketlm router fit MODEL --tasks DEV -o ROUTER` "
-                          "and pass --router ROUTER, or choose --mode fast|slow")
     fitted = Router.load(router) if router is not None else None
     _threads(threads)
     m, tok = load(model, dtype=dtype, device=device, moe=moe)
+    if mode == "auto" and router is None and not chooses_mode(m):
+        raise ConfigError("auto mode needs a router or an RL-trained model", "fit one with `pocketlm router fit MODEL "
+                          "--tasks DEV -o ROUTER` and pass --router ROUTER, train with `pocketlm rl`, or choose "
+                          "--mode fast|slow")
     return DualSystem(Generator(m, tok, native=native), mode=mode, router=fitted, policy=policy, think_budget=think_budget,
                       repair=RepairConfig() if repair else None, **options)
 

@@ -389,7 +389,7 @@ def _moe_deploy_record(saved: dict | None, recipe: list[dict]) -> dict | None:
 
 def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None,
          calibration_hash: str | None = None, evaluation: dict | None = None,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, rl: dict | None = None, files: dict[str, str] | None = None) -> Path:
     """Write an artifact: safetensors weights, config.json, tokenizer and pocketlm.json.
 
     Args:
@@ -399,6 +399,8 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         calibration_hash: `file_hash` of the calibration data, when a pass used one.
         evaluation: an EvalReport dict to store with the artifact.
         overwrite: replace an existing `out` (never the source model).
+        rl: the RL stage's summary (`pocketlm rl`), kept by later saves.
+        files: extra text files to write into the artifact, name -> content.
     """
     from .compress.quant.artifact import describe
     qconfig = describe(model)
@@ -418,6 +420,7 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         "layer_shapes": prior.get("layer_shapes"),  # set by structured pruning when layers differ
         "moefy": prior.get("moefy"),  # set by moefy: FFNs split into experts with a router
         "evaluation": evaluation,
+        "rl": rl or prior.get("rl"),
     }
     record["moe_deploy"] = _moe_deploy_record(prior.get("moe_deploy"), record["recipe"])
     _quiet_transformers()
@@ -425,4 +428,6 @@ def save(model, tok, out: str | os.PathLike, *, recipe: list[dict] | None = None
         model.save_pretrained(tmp, safe_serialization=True, state_dict=_own_storage_state_dict(model))
         tok.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)

@@ -4,7 +4,9 @@ The mode comes from the request, else a soft switch at the end of the user turn 
 `/no_think`, `/auto_think`), else the runtime's default. Fast mode renders the chat template with
 `enable_thinking=False` (an empty think block: thinking is skipped, not hidden); slow mode lets the model
 think. `auto` asks a Router (see router.py): a probe on the prompt's hidden state, escalation when the
-fast answer's confidence is low, or both. A thinking budget closes the think block after N thinking
+fast answer's confidence is low, or both. A model RL-trained to choose (`pocketlm rl`, choice.py)
+decides by itself in auto mode; a router given with it escalates the answers it chose to give fast
+whose confidence is low. A thinking budget closes the think block after N thinking
 tokens, as Qwen3 and vLLM do, and the model then answers.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Iterator, Sequence
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..eval.quality import stop_token_ids
+from .choice import ModeChoice, chooses_mode
 from .generate import GenerationResponse, Generator, _TextStream
 from .repair import RepairConfig
 from .rows import Row, decode_rows
@@ -116,6 +119,7 @@ class DualSystem:
         self._close_lead = self.close_ids.index(self.close_id)  # forced tokens before </think>: not thinking
         if router is not None:
             router.check_model(generator.model)
+        self.choice = ModeChoice(self.tok) if chooses_mode(generator.model) else None
 
     # ---- prompts -----------------------------------------------------------------------------
     def prompt(self, question: str, mode: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
@@ -148,11 +152,13 @@ class DualSystem:
         `history`: earlier (user, answer) turns, the same for every message."""
         asked = [self.requested(m, mode) for m in messages]
         replies: list[Reply | None] = [None] * len(asked)
-        fast = [i for i, (_, m, _) in enumerate(asked) if m in ("fast", "auto")]
+        own = [i for i, (_, m, _) in enumerate(asked) if m == "auto" and self.choice is not None]
+        fast = [i for i, (_, m, _) in enumerate(asked) if m == "fast" or (m == "auto" and self.choice is None)]
         if any(asked[i][1] == "auto" for i in fast) and self.router is None:
             raise ConfigError("auto mode needs a router", "fit one with `pocketlm router fit MODEL --tasks DEV "
                               "-o ROUTER` and pass it, or choose --mode fast|slow")
         slow = [i for i, (_, m, _) in enumerate(asked) if m == "slow"]  # replies[i] holds a rejected fast try
+        slow += self._answer_own(own, asked, replies, history)
         for chunk in _chunks(fast, self.batch_size):
             auto = [asked[i][1] == "auto" for i in chunk]
             probe = self.router is not None and self.policy in ("probe", "both") and any(auto)
@@ -201,6 +207,24 @@ class DualSystem:
             self._answer_cut_fast(replies, history)
         return replies  # type: ignore[return-value]
 
+    def _answer_own(self, own: list[int], asked: list, replies: list, history: Sequence[tuple[str, str]]
+                    ) -> list[int]:
+        """Auto mode on a model that chooses: decode its own choice; returns the items to answer again in
+        slow mode (a router's confidence rule escalating a fast choice)."""
+        t_conf = self.router.confidence_threshold(self.policy) if self.router is not None else None
+        lead = self.choice.prefix
+        escalate = []
+        for chunk in _chunks(own, self.batch_size):
+            rows = self.decode([self.choice.prompt(asked[i][0], history) for i in chunk], "own")
+            for i, row in zip(chunk, rows):
+                mode = "slow" if self.choice.thought(row.tokens) else "fast"
+                reply = self._reply(asked[i][0], mode, "model's own choice", row, lead)
+                if mode == "fast" and t_conf is not None and reply.confidence < t_conf:
+                    reply.reason = f"own fast answer's confidence {reply.confidence:.2f} below {t_conf:.2f}"
+                    escalate.append(i)
+                replies[i] = reply
+        return escalate
+
     def _answer_cut_fast(self, replies: list[Reply], history: Sequence[tuple[str, str]]) -> None:
         """Replace the answers whose thinking the budget cut by fast-mode answers (costs add up)."""
         cut = [i for i, r in enumerate(replies) if r.budget_hit]
@@ -225,7 +249,14 @@ class DualSystem:
         """decode_rows with this runtime's limits, stop tokens, repair and (slow mode) thinking budget."""
         limit = self.fast_tokens if mode == "fast" else self.slow_tokens
         force = None
-        if mode == "slow" and self.think_budget is not None:
+        if mode == "own":  # the prompt ends inside the think block's opening: budget counts from there
+            lead = list(self.choice.prefix)
+            over = lambda i, row: self._thought_over(lead + row.tokens)  # noqa: E731
+            if self.think_budget is not None and self.budget_fallback == "fast":
+                abort = over
+            elif self.think_budget is not None:
+                force = lambda i, row: list(self.close_ids) if over(i, row) else None  # noqa: E731
+        elif mode == "slow" and self.think_budget is not None:
             if self.budget_fallback == "fast":  # the cut thinking is dropped: stop right there
                 abort = self._over_budget
             else:
@@ -233,25 +264,29 @@ class DualSystem:
         return decode_rows(self.gen, prompts, limit, repair=self.repair, force=force, capture=capture,
                            on_start=on_start, stops=self.stops, abort=abort)
 
+    def _thought_over(self, toks: list[int]) -> bool:
+        """The tokens have thought `think_budget` tokens without closing their think block."""
+        if self.open_id not in toks or self.close_id in toks:
+            return False
+        return len(toks) - toks.index(self.open_id) - 1 >= self.think_budget
+
     def _budget(self, _: int, row: Row) -> list[int] | None:
         """The closing tokens once the row has thought `think_budget` tokens without closing its block."""
-        toks = row.tokens
-        if self.open_id not in toks or self.close_id in toks:
-            return None
-        thought = len(toks) - toks.index(self.open_id) - 1
-        return list(self.close_ids) if thought >= self.think_budget else None
+        return list(self.close_ids) if self._thought_over(row.tokens) else None
 
     def _over_budget(self, i: int, row: Row) -> bool:
-        return self._budget(i, row) is not None
+        return self._thought_over(row.tokens)
 
-    def _reply(self, question: str, mode: str, reason: str, row: Row) -> Reply:
-        toks = row.tokens
+    def _reply(self, question: str, mode: str, reason: str, row: Row, lead: Sequence[int] = ()) -> Reply:
+        """The reply of a decoded row; `lead`: prompt tokens that opened its think block (own choice)."""
+        toks = list(lead) + row.tokens
         thinking, answer_ids, think_n = "", toks, 0
         if self.close_id in toks:
             cut = toks.index(self.close_id)
             start = toks.index(self.open_id) + 1 if self.open_id in toks[:cut] else 0
             think_n = cut - start - (self._close_lead if row.forced else 0)
             thinking = self.tok.decode(toks[start:cut], skip_special_tokens=True).strip()
+            think_n = think_n if thinking else 0  # an empty block (fast mode chosen by the model)
             answer_ids = toks[cut + 1:]
         elif self.open_id in toks:  # never closed: all thinking, no answer
             think_n = len(toks) - toks.index(self.open_id) - 1
@@ -275,7 +310,7 @@ class DualSystem:
         prior = None
         if chosen == "auto":
             prior = self.answer([question], "auto", history)[0]
-            if prior.mode == "fast":
+            if prior.mode == "fast" or self.choice is not None:  # own choice: answered whole, not re-decoded
                 yield "answer", _whole(prior)
                 yield "done", prior
                 return

@@ -29,6 +29,7 @@ class Row:
     ban: dict[int, float] = dataclasses.field(default_factory=dict)  # token → logit penalty (inf = banned)
     ban_left: int = 0                # steps the penalties stay on
     stop_logprob: float | None = None  # log-probability of the stop token, once it came
+    stop_token: int | None = None      # which stop token it was
 
     @property
     def generated(self) -> int:
@@ -42,7 +43,8 @@ def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: in
                 capture: list | None = None,
                 on_start: Callable[[list[Row]], None] | None = None,
                 stops: set[int] | None = None,
-                abort: Callable[[int, Row], bool] | None = None) -> Iterator[list[Row]]:
+                abort: Callable[[int, Row], bool] | None = None,
+                start: Sequence[Row] | None = None) -> Iterator[list[Row]]:
     """Decode `prompts` as one batch; yield the rows after every step (the last yield has all finished).
 
     max_tokens: per batch or per row (kept tokens). repair: roll loops back (None: off). force(i, row):
@@ -51,15 +53,16 @@ def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: in
     prefill; on_start(rows) runs right after it, and may mark rows finished 'skipped' (e.g. a router
     that sends them elsewhere). stops: tokens that end a row (default: the
     generator's end-of-sequence tokens). abort(i, row): called after each kept token; True ends
-    the row at once with finish 'aborted' (the token stays counted).
+    the row at once with finish 'aborted' (the token stays counted). start: the rows to begin from, e.g.
+    with forced first tokens in `queue` or a first-step `ban` (ban_left=1); default empty rows.
     """
     limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     most = max(limits)
     slack = most * repair.max_repairs if repair is not None else 0  # rolled-back slots stay used
     steps = min(most + slack, gen.max_context - max(len(p) for p in prompts))
-    edits = repair is not None
+    rows = list(start) if start is not None else [Row() for _ in prompts]
+    edits = repair is not None or any(r.ban for r in rows)
     run = gen.start(prompts, steps, sampling, logits=edits, capture=capture)
-    rows = [Row() for _ in prompts]
     if on_start is not None:
         on_start(rows)
     stops = gen.stop_tokens if stops is None else stops
@@ -78,7 +81,7 @@ def decode_rows(gen: Generator, prompts: Sequence[Sequence[int]], max_tokens: in
                 row.ban_left -= 1
                 row.ban = {t: min(p, repair.penalty) for t, p in row.ban.items()} if row.ban_left else {}
             if token in stops:
-                row.finish, row.stop_logprob = "stop", lp
+                row.finish, row.stop_logprob, row.stop_token = "stop", lp, token
                 continue
             row.tokens.append(token)
             row.logprobs.append(lp)

@@ -1,0 +1,84 @@
+"""Format warm-up before RL: the unswitched prompt learns to answer like either switched mode.
+
+A model trained only with `/think` / `/no_think` switches may answer a prompt with no switch poorly
+(the reference reasoner: 23% on arithmetic against 98% slow, 72% fast). Before RL, each warm-up item
+gets a mode at random (half each), the model's own greedy answer in that switched mode, and that
+answer becomes the target for the unswitched prompt (self-distillation: no answer is filtered by
+correctness, so the warm-up teaches the format and both modes, never *when* to think; that is left to RL).
+This is the first of Pangu Embedded's two stages (distillation, then RL) in its smallest form.
+"""
+from __future__ import annotations
+
+import random
+import time
+from typing import Sequence
+
+import torch
+
+from ..progress import progress_bar
+from ..runtime.choice import ModeChoice
+from ..runtime.dual import DualSystem
+from ..runtime.generate import Generator
+from .config import RLConfig
+from .grpo import pack, token_logprobs
+
+
+def warmup_targets(model, tok, items: Sequence[dict], seed: int, max_tokens: int,
+                   show_progress: bool = True) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """(prompts, completions, modes): unswitched prompts and the model's own switched-mode answers."""
+    choice = ModeChoice(tok)
+    dual = DualSystem(Generator(model, tok), mode="fast", fast_tokens=max_tokens, slow_tokens=max_tokens)
+    rng = random.Random(seed)
+    modes = [rng.choice(("fast", "slow")) for _ in items]
+    fast_rest = choice._ids(choice.fast_block)[len(choice.prefix):]
+    prompts, comps, kept = [], [], []
+    for mode in ("fast", "slow"):
+        idx = [i for i, m in enumerate(modes) if m == mode]
+        for start in progress_bar(range(0, len(idx), 64), f"warm-up {mode} answers", show=show_progress):
+            part = idx[start:start + 64]
+            rows = dual.decode([dual.prompt(items[i]["question"], mode) for i in part], mode)
+            for i, row in zip(part, rows):
+                toks = list(row.tokens) + ([row.stop_token] if row.finish == "stop" else [])
+                if mode == "fast":
+                    toks = fast_rest + toks
+                elif toks[:len(choice.prefix)] == choice.prefix:
+                    toks = toks[len(choice.prefix):]
+                else:  # the slow answer did not open its think block as expected: not a usable target
+                    continue
+                prompts.append(choice.prompt(items[i]["question"]))
+                comps.append(toks)
+                kept.append(mode)
+    return prompts, comps, kept
+
+
+def warmup(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool = True) -> dict:
+    """Teach the unswitched prompt (see the module doc); the model is trained in place. Returns stats."""
+    t0 = time.perf_counter()
+    model.eval()
+    prompts, comps, modes = warmup_targets(model, tok, items, cfg.seed, cfg.max_tokens, show_progress)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rng = random.Random(cfg.seed + 1)
+    batches = []
+    for _ in range(cfg.warmup_epochs):  # each epoch in its own shuffled order
+        order = rng.sample(range(len(prompts)), len(prompts))
+        batches += [order[i:i + cfg.micro_batch] for i in range(0, len(order), cfg.micro_batch)]
+    total = len(batches)
+    model.train()
+    losses = []
+    for n, batch in enumerate(progress_bar(batches, "warm-up training", show=show_progress)):
+        ids, attn, target = pack([prompts[i] for i in batch], [comps[i] for i in batch], pad)
+        lr = cfg.warmup_lr * min(1.0, (n + 1) / max(1, total // 10)) * (1 - n / total) ** 0.5
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = -(token_logprobs(model, ids, attn) * target).sum() / target.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    tail = losses[-max(1, len(losses) // 10):]
+    return {"items": len(prompts), "think_share": sum(m == "slow" for m in modes) / max(1, len(modes)),
+            "epochs": cfg.warmup_epochs, "steps": total, "final_loss": sum(tail) / len(tail),
+            "wall_s": time.perf_counter() - t0}
