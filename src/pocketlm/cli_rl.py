@@ -32,7 +32,7 @@ def rl_cmd(
     workers: int = typer.Option(1, help="Rollout workers."),
     backend: str = typer.Option("inprocess", help="inprocess (threads) or ray (Ray actors)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: start a local one)."),
-    warmup_items: int = typer.Option(1024, help="Items of the format warm-up before RL (0: none)."),
+    warmup_items: int = typer.Option(2048, help="Items of the format warm-up before RL (0: none)."),
     time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training."),
     checker: list[str] = typer.Option([], help="KIND=numeric|exact: the answer checker of a task kind."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N task items."),

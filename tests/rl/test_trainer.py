@@ -32,6 +32,7 @@ def test_train_writes_an_rl_artifact(tmp_path):
     assert 0 <= m["think_rate"] <= 1 and m["tokens"] > 0 and m["mean_age"] == 0
     model, tok = pocketlm.load(tmp_path / "out")
     assert model.pocketlm_record["rl"]["mode_choice"] is True
+    assert model.pocketlm_record["rl"]["switch"] == "/auto_think"
     assert model.pocketlm_record["recipe"][-1]["kind"] == "rl"
     lines = (tmp_path / "out" / METRICS).read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1]

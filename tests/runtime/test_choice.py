@@ -21,13 +21,16 @@ def test_prompt_has_no_mode_and_ends_at_the_decision(reasoner):
     assert not c.thought(tok("\n</think>\n\n4<|im_end|>", add_special_tokens=False)["input_ids"])
     assert c.thought(tok("2+2=4\n</think>\n\n4", add_special_tokens=False)["input_ids"])
     assert c.thought(tok("2+2=4 and", add_special_tokens=False)["input_ids"])  # still thinking
+    switched = tok.decode(ModeChoice(tok, "/auto_think").prompt("What is 2+2?"))
+    assert "What is 2+2? /auto_think<|im_end|>" in switched and switched.endswith("<think>\n")
 
 
 @pytest.fixture
 def chooser(reasoner, monkeypatch):
     """The reasoner marked as RL-trained to choose its mode (the record `pocketlm rl` writes)."""
     model, tok = reasoner
-    monkeypatch.setattr(model, "pocketlm_record", {"rl": {"mode_choice": True}}, raising=False)
+    monkeypatch.setattr(model, "pocketlm_record", {"rl": {"mode_choice": True, "switch": "/auto_think"}},
+                        raising=False)
     return Generator(model, tok)
 
 
@@ -36,6 +39,7 @@ def test_auto_uses_the_models_own_choice(chooser):
     questions = [it["question"] for it in read_tasks(TASKS, 6)]
     replies = dual.answer(questions)
     c = dual.choice
+    assert c.switch == "/auto_think"  # the switch the artifact learned with
     rows = dual.decode([c.prompt(q) for q in questions], "own")
     for reply, row in zip(replies, rows):
         assert reply.reason == "model's own choice"

@@ -28,8 +28,10 @@ class RLConfig(BaseConfig):
     accuracy_margin (thinking less may cost at most that much accuracy).
     Scheduler: staleness s (0 = synchronous GRPO; s >= 1 lets rollouts run up to s policy versions
     ahead of the learner, older samples are dropped); workers rollout workers; backend inprocess or ray.
-    Warm-up: warmup_items items whose own switched-mode answers teach the unswitched prompt format,
-    before RL (0 = off); warmup_epochs over them.
+    Prompt: the user turn ends with `switch`, the soft switch that asks the model to choose (openPangu's
+    /auto_think; '' = none). Warm-up: warmup_items items whose own switched-mode answers teach the
+    choosing prompt, before RL (0 = off); warmup_epochs over them at warmup_lr; replay: train the same
+    answers under their switched prompts too, so /think and /no_think keep working.
     time_limit_s: stop after this wall time (None = after `steps`); checkpoint_every steps; seed.
     """
 
@@ -55,9 +57,11 @@ class RLConfig(BaseConfig):
     staleness: int = 0
     workers: int = 1
     backend: str = "inprocess"
-    warmup_items: int = 1024
+    warmup_items: int = 2048
     warmup_epochs: int = 2
-    warmup_lr: float = 2e-4
+    warmup_lr: float = 5e-5
+    switch: str = "/auto_think"
+    replay: bool = True
     time_limit_s: float | None = None
     checkpoint_every: int = 10
     seed: int = 0

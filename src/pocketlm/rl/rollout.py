@@ -55,7 +55,7 @@ class RolloutWorker:
     def __init__(self, model, tok, cfg: RLConfig, threads: int | None = None):
         self.model, self.tok, self.cfg, self.threads = model, tok, cfg, threads
         self.gen = Generator(model, tok)
-        self.choice = ModeChoice(tok)
+        self.choice = ModeChoice(tok, cfg.switch)
         self.stops = set(stop_token_ids(tok)) | self.gen.stop_tokens  # end of turn, too
         self.version = -1
 

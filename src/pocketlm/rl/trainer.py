@@ -51,7 +51,7 @@ def train_rl(policy: str, items: Sequence[dict], cfg: RLConfig, out: str | os.Pa
         raise ConfigError("--resume needs a checkpoint", "pass the --workdir of an earlier run that saved one")
     model, tok = load(policy, show_progress=show_progress)
     check_thinking_template(tok)
-    ModeChoice(tok)  # refuses a template without a Qwen3-style thinking switch
+    ModeChoice(tok, cfg.switch)  # refuses a template without a Qwen3-style thinking switch
     torch.manual_seed(cfg.seed)
     state = torch.load(ckpt, weights_only=False) if resume else None
     if state is not None:
@@ -66,6 +66,7 @@ def train_rl(policy: str, items: Sequence[dict], cfg: RLConfig, out: str | os.Pa
     if ref is not None and state is not None:
         ref.load_state_dict(state["ref"])
     concurrent = cfg.staleness > 0 and cfg.backend == "inprocess"
+    threads = torch.get_num_threads()  # restored at the end
     if concurrent:  # learner and rollout threads each get their share of the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - cfg.workers))
     backend = (Ray(policy, tok, cfg, address=ray_address) if cfg.backend == "ray"
@@ -105,7 +106,8 @@ def train_rl(policy: str, items: Sequence[dict], cfg: RLConfig, out: str | os.Pa
                 _checkpoint(ckpt, model, ref, opt, reward, metrics, step + 1, sched.job_no, warm)
     finally:
         sched.close()
-    summary = {"config": cfg.to_dict(), "mode_choice": True, "steps": len(metrics), "warmup": warm,
+        torch.set_num_threads(threads)
+    summary = {"config": cfg.to_dict(), "mode_choice": True, "switch": cfg.switch, "steps": len(metrics), "warmup": warm,
                "wall_s": time.perf_counter() - t0, "final": metrics[-1] if metrics else None,
                "dropped_stale": sched.dropped}
     model.eval()

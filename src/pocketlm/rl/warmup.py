@@ -1,11 +1,13 @@
-"""Format warm-up before RL: the unswitched prompt learns to answer like either switched mode.
+"""Format warm-up before RL: the choosing prompt learns to answer like either switched mode.
 
-A model trained only with `/think` / `/no_think` switches may answer a prompt with no switch poorly
-(the reference reasoner: 23% on arithmetic against 98% slow, 72% fast). Before RL, each warm-up item
-gets a mode at random (half each), the model's own greedy answer in that switched mode, and that
-answer becomes the target for the unswitched prompt (self-distillation: no answer is filtered by
-correctness, so the warm-up teaches the format and both modes, never *when* to think; that is left to RL).
-This is the first of Pangu Embedded's two stages (distillation, then RL) in its smallest form.
+A model trained only with `/think` / `/no_think` switches may answer a prompt that ends otherwise
+poorly (the reference reasoner, with no switch: 23% on arithmetic, against 98% slow and 76% fast).
+Before RL, each warm-up item gets a mode at random (half each) and the model's own greedy answer in
+that switched mode; that answer becomes the target for the choosing prompt (self-distillation: no
+answer is filtered by correctness, so the warm-up teaches the format and both modes, never *when* to
+think; that is left to RL). With replay the same answers are trained under their switched prompts
+too, so the forced modes do not drift. This is the first of Pangu Embedded's two stages
+(distillation, then RL) in its smallest form.
 """
 from __future__ import annotations
 
@@ -23,10 +25,12 @@ from .config import RLConfig
 from .grpo import pack, token_logprobs
 
 
-def warmup_targets(model, tok, items: Sequence[dict], seed: int, max_tokens: int,
-                   show_progress: bool = True) -> tuple[list[list[int]], list[list[int]], list[str]]:
-    """(prompts, completions, modes): unswitched prompts and the model's own switched-mode answers."""
-    choice = ModeChoice(tok)
+def warmup_targets(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool = True
+                   ) -> tuple[list[list[int]], list[list[int]], list[str]]:
+    """(prompts, completions, modes): choosing prompts and the model's own switched-mode answers (with
+    replay, also those answers under their own switched prompts)."""
+    choice = ModeChoice(tok, cfg.switch)
+    seed, max_tokens = cfg.seed, cfg.max_tokens
     dual = DualSystem(Generator(model, tok), mode="fast", fast_tokens=max_tokens, slow_tokens=max_tokens)
     rng = random.Random(seed)
     modes = [rng.choice(("fast", "slow")) for _ in items]
@@ -39,6 +43,10 @@ def warmup_targets(model, tok, items: Sequence[dict], seed: int, max_tokens: int
             rows = dual.decode([dual.prompt(items[i]["question"], mode) for i in part], mode)
             for i, row in zip(part, rows):
                 toks = list(row.tokens) + ([row.stop_token] if row.finish == "stop" else [])
+                if cfg.replay:
+                    prompts.append(dual.prompt(items[i]["question"], mode))
+                    comps.append(list(toks))
+                    kept.append("replay")
                 if mode == "fast":
                     toks = fast_rest + toks
                 elif toks[:len(choice.prefix)] == choice.prefix:
@@ -55,7 +63,7 @@ def warmup(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool
     """Teach the unswitched prompt (see the module doc); the model is trained in place. Returns stats."""
     t0 = time.perf_counter()
     model.eval()
-    prompts, comps, modes = warmup_targets(model, tok, items, cfg.seed, cfg.max_tokens, show_progress)
+    prompts, comps, modes = warmup_targets(model, tok, items, cfg, show_progress)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rng = random.Random(cfg.seed + 1)
@@ -79,6 +87,8 @@ def warmup(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool
         losses.append(loss.item())
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
-    return {"items": len(prompts), "think_share": sum(m == "slow" for m in modes) / max(1, len(modes)),
+    own = [m for m in modes if m != "replay"]
+    return {"items": len(own), "sequences": len(prompts), "replay": cfg.replay,
+            "think_share": sum(m == "slow" for m in own) / max(1, len(own)),
             "epochs": cfg.warmup_epochs, "steps": total, "final_loss": sum(tail) / len(tail),
             "wall_s": time.perf_counter() - t0}

@@ -16,10 +16,14 @@ THINK_OPEN = "<think>\n"  # how a think block with content opens (Qwen3, DeepSee
 
 
 class ModeChoice:
-    """prefix: token ids both modes start with; decision: the token that means 'do not think'."""
+    """prefix: token ids both modes start with; decision: the token that means 'do not think'.
 
-    def __init__(self, tok):
-        self.tok = tok
+    switch: a soft switch that ends the user turn and asks the model to choose (openPangu's
+    `/auto_think`); '' for none. Models trained with a switch on every turn may read the question at
+    fixed token offsets from it, so an RL-trained artifact records the one it learned with."""
+
+    def __init__(self, tok, switch: str = ""):
+        self.tok, self.switch = tok, switch
         msgs = [{"role": "user", "content": "1+1?"}]
         plain = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         fast = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False)
@@ -39,10 +43,11 @@ class ModeChoice:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def prompt(self, question: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
-        """Chat prompt ids with no mode forced: no soft switch, no enable_thinking, then the shared prefix."""
+        """Chat prompt ids with no mode forced: the choosing switch (if any), no enable_thinking, then the
+        shared prefix."""
         messages = [m for user, answer in history
                     for m in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
-        messages.append({"role": "user", "content": question})
+        messages.append({"role": "user", "content": f"{question} {self.switch}" if self.switch else question})
         text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self._ids(text) + self.prefix
 
@@ -59,5 +64,14 @@ class ModeChoice:
 
 def chooses_mode(model) -> bool:
     """The artifact was RL-trained to choose its own mode (pocketlm.json's rl.mode_choice)."""
+    return bool(_rl_record(model).get("mode_choice"))
+
+
+def model_choice(model, tok) -> ModeChoice | None:
+    """The ModeChoice an RL-trained artifact learned with (its switch), else None."""
+    return ModeChoice(tok, _rl_record(model).get("switch", "")) if chooses_mode(model) else None
+
+
+def _rl_record(model) -> dict:
     record = getattr(model, "pocketlm_record", None) or {}
-    return bool((record.get("rl") or {}).get("mode_choice"))
+    return record.get("rl") or {}

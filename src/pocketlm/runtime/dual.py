@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..eval.quality import stop_token_ids
-from .choice import ModeChoice, chooses_mode
+from .choice import model_choice
 from .generate import GenerationResponse, Generator, _TextStream
 from .repair import RepairConfig
 from .rows import Row, decode_rows
@@ -119,7 +119,7 @@ class DualSystem:
         self._close_lead = self.close_ids.index(self.close_id)  # forced tokens before </think>: not thinking
         if router is not None:
             router.check_model(generator.model)
-        self.choice = ModeChoice(self.tok) if chooses_mode(generator.model) else None
+        self.choice = model_choice(generator.model, self.tok)
 
     # ---- prompts -----------------------------------------------------------------------------
     def prompt(self, question: str, mode: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
@@ -211,6 +211,8 @@ class DualSystem:
                     ) -> list[int]:
         """Auto mode on a model that chooses: decode its own choice; returns the items to answer again in
         slow mode (a router's confidence rule escalating a fast choice)."""
+        if not own:
+            return []
         t_conf = self.router.confidence_threshold(self.policy) if self.router is not None else None
         lead = self.choice.prefix
         escalate = []
