@@ -124,7 +124,7 @@ def reason_cmd(
     """Answer a task file in one mode: accuracy, mean generated tokens, wall time, per-item rows."""
     from .eval.data import read_tasks
     from .io import atomic_write_text
-    from .runtime.reason import run_tasks
+    from .runtime.reason import auto_policy, run_tasks
 
     items = read_tasks(tasks, limit)
     dual = _dual(model, mode=mode, router=router, policy=policy, think_budget=think_budget, repair=repair,
@@ -134,7 +134,7 @@ def reason_cmd(
     table = Table(title=f"pocketlm reason {model} · {tasks.name}")
     for col in ("mode", "items", "accuracy", "mean tokens", "thinking tokens", "slow share", "wall s"):
         table.add_column(col, justify="left" if col == "mode" else "right")
-    label = mode + (f" ({policy})" if mode == "auto" else "") + (f", budget {think_budget}" if think_budget is not None else "")
+    label = mode + (f" ({auto_policy(dual)})" if mode == "auto" else "") + (f", budget {think_budget}" if think_budget is not None else "")
     table.add_row(label, str(result["items"]), f"{result['accuracy']:.1%}", f"{result['mean_tokens']:.1f}",
                   f"{result['mean_thinking_tokens']:.1f}", f"{result['slow_share']:.0%}", f"{result['wall_s']:.1f}")
     out.print(table)

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -57,3 +58,23 @@ def test_same_seed_same_rollout(tiny, groups):
     _, out = groups
     again = RolloutWorker(model, tok, RLConfig(group_size=4, explore=0.5, max_tokens=12)).rollout(ITEMS, seed=3)
     assert [s.tokens for g in again for s in g.samples] == [s.tokens for g in out for s in g.samples]
+
+
+def test_new_weights_reach_the_engine(tiny):
+    """set_weights changes what the worker's engine samples with (its packed buffers included)."""
+    model, tok = tiny
+    mine = copy.deepcopy(model)
+    worker = RolloutWorker(mine, tok, RLConfig(group_size=2, explore=0.0, max_tokens=6, w_cost=0.0))
+    worker.rollout(ITEMS[:1], seed=0)  # the engine is built and has packed its weights
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    worker.set_weights(other.state_dict(), 1)
+    g = worker.rollout(ITEMS[:1], seed=0)[0]
+    ids, attn, target = pack([g.prompt] * 2, [s.tokens for s in g.samples], pad=0)
+    with torch.no_grad():
+        lp = token_logprobs(other, ids, attn)
+    for b, s in enumerate(g.samples):
+        assert torch.allclose(lp[b][target[b]], torch.tensor(s.behaviour), atol=1e-3)
+    assert g.version == 1

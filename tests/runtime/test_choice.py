@@ -50,7 +50,7 @@ def test_auto_uses_the_models_own_choice(chooser):
     dim = len(chooser.decoder.layers) * chooser.model.config.hidden_size
     router = Router(torch.zeros(dim), 0.0, torch.zeros(dim), torch.ones(dim), {"confidence": {"confidence": 1.01}})
     topped = DualSystem(chooser, mode="auto", router=router, policy="confidence").answer(questions)
-    slow = dual.answer(questions, "slow")
+    slow = DualSystem(chooser, mode="auto").answer(questions, "slow")  # no budget, as `topped`
     for own, top, s in zip(replies, topped, slow):
         assert top.mode == "slow"
         if own.mode == "fast":

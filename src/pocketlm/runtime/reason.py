@@ -28,10 +28,17 @@ def run_tasks(dual: DualSystem, items: Sequence[dict], mode: str | None = None, 
                          "confidence": reply.confidence, "p_fast": reply.p_fast, "repairs": reply.repairs})
     wall = time.perf_counter() - t0
     n = len(rows)
-    return {"mode": mode or dual.mode, "policy": dual.policy if (mode or dual.mode) == "auto" else None,
+    return {"mode": mode or dual.mode, "policy": auto_policy(dual) if (mode or dual.mode) == "auto" else None,
             "think_budget": dual.think_budget, "items": n,
             "accuracy": sum(r["correct"] for r in rows) / n,
             "mean_tokens": sum(r["tokens"] for r in rows) / n,
             "mean_thinking_tokens": sum(r["thinking_tokens"] for r in rows) / n,
             "slow_share": sum(r["mode"] == "slow" for r in rows) / n,
             "wall_s": wall, "rows": rows}
+
+
+def auto_policy(dual: DualSystem) -> str:
+    """What decides in auto mode: the model's own choice (RL-trained), a router rule, or both."""
+    if dual.choice is None:
+        return dual.policy
+    return "own choice" if dual.router is None else f"own choice + router {dual.policy}"
