@@ -11,7 +11,7 @@
    generated tokens, think rate overall and by difficulty; its per-step curves are kept.
 4. Ray vs in-process: the same short fixed-seed run (one thread each) on both backends.
 
-    python benchmarks/rl.py [--threads 2] [--main-s 900] [--compare-s 300]
+    python benchmarks/rl.py [--threads 2] [--main-s 900] [--compare-s 300]   (curves: results/rl_reasoner_curves.png)
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from pocketlm.runtime import Generator
 from pocketlm.runtime.dual import DualSystem
 from pocketlm.runtime.reason import run_tasks
 from pocketlm.runtime.router import fit_router
-from common import SHARED, write_result
+from common import RESULTS, SHARED, write_result
 
 TASKS = SHARED / "tasks"
 
@@ -101,6 +101,25 @@ def ray_check(warm: Path, train, work: Path, switch: str) -> dict:
     return {"config": cfg, "steps": rows, "same_within_1e-4": same, "inprocess_s": t_local, "ray_s": t_ray}
 
 
+def plot_curves(result: dict, path: Path) -> Path:
+    """Reward, training accuracy and think rate against wall time for every run (one PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, run in result["runs"].items():
+        t = [m["wall_s"] for m in run["curve"]]
+        for ax, key in zip(axes, ("reward", "accuracy", "think_rate_free")):
+            ax.plot(t, [m[key] for m in run["curve"]], label=name, lw=1)
+    for ax, title in zip(axes, ("reward (normalized sources)", "training accuracy (sampled)", "think rate (unforced)")):
+        ax.set_title(title)
+        ax.set_xlabel("wall s")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=str(SHARED / "models" / "reasoner"))
@@ -111,9 +130,13 @@ def main() -> None:
     ap.add_argument("--test-items", type=int, default=None)
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: compare, ablation, ray")
     ap.add_argument("--lr", type=float, default=RLConfig.lr)
+    ap.add_argument("--plot-only", action="store_true", help="redraw the curves from the committed JSON")
     ap.add_argument("--switch", default="/any_think",
                     help="the choosing soft switch (5 tokens, as /no_think: see the README)")
     args = ap.parse_args()
+    if args.plot_only:
+        print(plot_curves(json.loads((RESULTS / "rl_reasoner.json").read_text()), RESULTS / "rl_reasoner_curves.png"))
+        return
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     console = Console(width=160)
@@ -188,7 +211,7 @@ def main() -> None:
         "wall_s": time.perf_counter() - t_start, "threads": args.threads,
         "modes": {k: summary(v) for k, v in modes.items()}, "warmup": warm_stats, "runs": runs, "ray": ray,
         "checks": checks})
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}, {plot_curves(json.loads(path.read_text()), RESULTS / 'rl_reasoner_curves.png')}")
 
 
 if __name__ == "__main__":
