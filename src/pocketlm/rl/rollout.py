@@ -44,10 +44,6 @@ class Group:
     version: int               # policy version that sampled it
     rewards: list[float] | None = None  # combined rewards, set by the learner's reward
 
-    @property
-    def correct(self) -> list[float]:
-        return [s.raw["correctness"] or 0.0 for s in self.samples]
-
 
 class RolloutWorker:
     """Samples groups for a list of items with its own copy of the policy."""

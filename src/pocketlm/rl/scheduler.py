@@ -21,7 +21,7 @@ import itertools
 import random
 import statistics
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 from .config import RLConfig
 from .rollout import Group, RolloutWorker

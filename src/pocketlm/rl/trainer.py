@@ -16,7 +16,7 @@ from ..io import atomic_write_path, check_output, load, resolve, save
 from ..progress import progress_bar
 from ..runtime.choice import ModeChoice
 from ..runtime.dual import check_thinking_template
-from .config import RLConfig
+from .config import SOURCES, RLConfig
 from .grpo import group_advantages, pack, policy_loss, token_logprobs
 from .rewards import AdaptiveReward, checker_for
 from .rollout import Group
@@ -161,7 +161,7 @@ def _metrics(step: int, groups: list[Group], reward: AdaptiveReward, stats: dict
     samples = [s for g in groups for s in g.samples]
     n = len(samples)
     by_source = {}
-    for name in ("correctness", "format", "cost", "repetition"):
+    for name in SOURCES:
         vals = [s.raw[name] for s in samples if s.raw.get(name) is not None]
         by_source[name] = sum(vals) / len(vals) if vals else None
     return {"step": step, "wall_s": wall_s, "learn_s": learn_s, "rollout_wait_s": sched.wait_s,

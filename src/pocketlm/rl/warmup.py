@@ -34,7 +34,6 @@ def warmup_targets(model, tok, items: Sequence[dict], cfg: RLConfig, show_progre
     dual = DualSystem(Generator(model, tok), mode="fast", fast_tokens=max_tokens, slow_tokens=max_tokens)
     rng = random.Random(seed)
     modes = [rng.choice(("fast", "slow")) for _ in items]
-    fast_rest = choice._ids(choice.fast_block)[len(choice.prefix):]
     prompts, comps, kept = [], [], []
     for mode in ("fast", "slow"):
         idx = [i for i, m in enumerate(modes) if m == mode]
@@ -48,7 +47,7 @@ def warmup_targets(model, tok, items: Sequence[dict], cfg: RLConfig, show_progre
                     comps.append(list(toks))
                     kept.append("replay")
                 if mode == "fast":
-                    toks = fast_rest + toks
+                    toks = choice.fast_rest + toks
                 elif toks[:len(choice.prefix)] == choice.prefix:
                     toks = toks[len(choice.prefix):]
                 else:  # the slow answer did not open its think block as expected: not a usable target

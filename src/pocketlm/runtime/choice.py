@@ -16,7 +16,8 @@ THINK_OPEN = "<think>\n"  # how a think block with content opens (Qwen3, DeepSee
 
 
 class ModeChoice:
-    """prefix: token ids both modes start with; decision: the token that means 'do not think'.
+    """prefix: token ids both modes start with; decision: the token that means 'do not think';
+    fast_rest: the empty block's tokens after the prefix (the decision first).
 
     switch: a soft switch that ends the user turn and asks the model to choose (openPangu's
     `/auto_think`); '' for none. Models trained with a switch on every turn may read the question at
@@ -37,7 +38,8 @@ class ModeChoice:
         n = 0
         while n < min(len(ids), len(opened)) and ids[n] == opened[n]:
             n += 1
-        self.prefix, self.decision = ids[:n], ids[n]
+        self.prefix, self.fast_rest = ids[:n], ids[n:]
+        self.decision = self.fast_rest[0]
 
     def _ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
