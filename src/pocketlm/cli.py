@@ -258,7 +258,7 @@ QUANT_METHODS = {
     "progressive": ("progressive", "ProgressiveConfig", ("bits", "group_size", "sym", "head", "act_order")),
     "mixed": ("mixed", "MixedPrecisionConfig", ("target_bits", "max_size_mb", "group_size", "sym", "head")),
 }
-QUANT_DEFAULTS = {"bits": 4, "group_size": 128}  # the CLI's defaults where a method takes the option
+QUANT_DEFAULTS = {"bits": 4}  # the CLI's defaults where a method takes the option
 
 
 def _option(name: str) -> str:
@@ -289,8 +289,10 @@ def _check_quant_targets(model, cfg) -> None:
     calibration (the passes check again)."""
     from .compress.quant.primitives import Scheme
     from .compress.quant.swap import check_targets
-    bits = getattr(cfg, "bits", None) or min(getattr(cfg, "candidates", None) or (8,))  # mixed: its fewest
-    check_targets(model, Scheme(bits, getattr(cfg, "group_size", None), getattr(cfg, "sym", False)))
+    scheme = getattr(cfg, "scheme", None) or Scheme(8)  # SmoothQuant: int8 per channel
+    if callable(scheme):  # mixed precision: its fewest bits
+        scheme = scheme(min(cfg.candidates))
+    check_targets(model, scheme)
 
 
 def _calib_samples(samples: Optional[int], tokens: Optional[int], calib_len: int) -> int:
@@ -346,7 +348,7 @@ def compress_cmd(
     metric: str = typer.Option("block_influence", help="layers: block_influence or last."),
     target_params: Optional[str] = typer.Option(None, help="width: parameter budget, e.g. 8M."),
     bits: Optional[int] = typer.Option(None, help="Quantize: 8, 4 or 3 bits per weight (default 4)."),
-    group_size: Optional[int] = typer.Option(None, help="Quantize: inputs per scale group (default 128)."),
+    group_size: Optional[int] = typer.Option(None, help="Quantize: inputs per scale group (default: 128 at int4/int3, per channel at int8; 32 = Q8_0's layout)."),
     sym: bool = typer.Option(False, "--sym", help="Quantize: codes centred on zero (no offset)."),
     head: bool = typer.Option(True, "--head/--no-head", help="Quantize the LM head and embedding to int8."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",

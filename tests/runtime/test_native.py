@@ -89,7 +89,7 @@ def test_native_refuses_what_it_cannot_run(tiny):
 @pytest.mark.parametrize("activations", ["fp32", "int8"])
 def test_native_layers_of_mixed_widths_prepare_each_input_for_its_own_kernel(tiny, activations):
     """q int4, k int8, v fp32 (and gate int8 beside up int4) read the same input: each kernel gets it
-    in its own form, not the copy prepared for the previous width."""
+    in its own form, not the copy prepared for the previous width. o and down: int8 per group of 32."""
     from pocketlm.compress.quant.linear import QuantLinear
     from pocketlm.compress.quant.primitives import Scheme
     model, tok = quantized(tiny, 4), tiny[1]
@@ -98,6 +98,8 @@ def test_native_layers_of_mixed_widths_prepare_each_input_for_its_own_kernel(tin
     layer.self_attn.k_proj = QuantLinear.from_linear(floats.self_attn.k_proj, Scheme(8))
     layer.self_attn.v_proj = copy.deepcopy(floats.self_attn.v_proj)
     layer.mlp.gate_proj = QuantLinear.from_linear(floats.mlp.gate_proj, Scheme(8))
+    layer.self_attn.o_proj = QuantLinear.from_linear(floats.self_attn.o_proj, Scheme(8, 32))
+    layer.mlp.down_proj = QuantLinear.from_linear(floats.mlp.down_proj, Scheme(8, 32))
     eager = Generator(model, tok)
     native = Generator(model, tok, native=True, native_activations=activations)
     runs = [g.start(prompts(tok, 2), 6) for g in (eager, native)]

@@ -12,7 +12,7 @@ def lin():
     return nn.Linear(256, 96, bias=True)
 
 
-SCHEMES = [Scheme(8), Scheme(4, 32), Scheme(4, 128, sym=True), Scheme(3, 64)]
+SCHEMES = [Scheme(8), Scheme(8, 32), Scheme(4, 32), Scheme(4, 128, sym=True), Scheme(3, 64)]
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -47,8 +47,18 @@ def test_state_dict_is_the_portable_layout_and_reloads_bit_exactly(lin, scheme):
     assert torch.equal(shell.codes(), q.codes())
 
 
-def test_embedding_rows_come_from_the_int8_table(lin):
-    table = QuantLinear.from_linear(lin, Scheme(8))
+def test_grouped_int8_without_pocketlms_kernel_takes_the_dequantized_fallback(lin, monkeypatch):
+    from pocketlm.runtime import cpu_linear
+    q = QuantLinear.from_linear(lin, Scheme(8, 64))
+    x = torch.randn(4, 256)
+    fast = q(x)
+    monkeypatch.setattr(cpu_linear, "qlinear8", lambda *a: None)  # a machine where it cannot be built
+    assert torch.allclose(q(x), fast, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scheme", [Scheme(8), Scheme(8, 32)])
+def test_embedding_rows_come_from_the_int8_table(lin, scheme):
+    table = QuantLinear.from_linear(lin, scheme)
     emb = QuantEmbedding(table)
     ids = torch.tensor([[0, 5, 95]])
     assert torch.allclose(emb(ids)[0], table.dequantize()[ids[0]])

@@ -38,9 +38,24 @@ def test_more_bits_and_smaller_groups_lower_the_error():
     assert err(Scheme(3, 32)) < err(Scheme(3, 128))
 
 
-def test_int8_is_always_symmetric_per_channel():
-    s = Scheme(8, 128, sym=False)
+def test_int8_is_always_symmetric_per_channel_unless_grouped():
+    s = Scheme(8, sym=False)
     assert s.sym and s.group_size is None and s.bits_per_weight(256) == 8 + 16 / 256
+    g = Scheme(8, 32, sym=False)
+    assert g.sym and g.group_size == 32 and g.bits_per_weight(256) == 8 + 16 / 32
+
+
+def test_grouped_int8_keeps_a_q8_0_source_and_beats_per_channel_with_outliers():
+    torch.manual_seed(0)
+    # a Q8_0-like source: int8 codes times a bf16-exact scale per block of 32, blocks of very different size
+    codes = torch.randint(-127, 128, (16, 128)).float()
+    codes[:, ::32] = 127  # every block reaches the top code, as a Q8_0 block does
+    scale = (torch.rand(16, 4) * 2 ** torch.randint(-8, 0, (16, 4)).float()).bfloat16().float()
+    w = (codes.reshape(16, 4, 32) * scale[..., None]).reshape(16, 128)
+    q, s, z = P.quantize_matrix(w, Scheme(8, 32))
+    assert torch.equal(P.dequantize_matrix(q, s, z, 8), w)
+    per_channel = P.dequantize_matrix(*P.quantize_matrix(w, Scheme(8)), 8)
+    assert (per_channel - w).abs().max() > 0
 
 
 @pytest.mark.parametrize("scheme", [Scheme(4, 32), Scheme(3, 32, sym=True)])

@@ -84,3 +84,17 @@ def test_head_quantization_keeps_a_tied_model_tied(tiny):
     with torch.no_grad():
         agree = (model(x).logits.argmax(-1) == tiny[0](x).logits.argmax(-1)).float().mean()
     assert agree > 0.9
+
+
+def test_grouped_int8_quantizes_the_head_in_the_same_groups_and_reloads(tmp_path, tiny):
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    stats = pocketlm.compress_(model, RTNConfig(bits=8, group_size=32, head=True), tok=tok)[0]["stats"]
+    assert model.lm_head.scales.shape[1] == model.config.hidden_size // 32
+    assert stats["lm_head"].startswith("int8 per group of 32") and stats["group_sizes"] == [32]
+    per_channel = pocketlm.compress_(copy.deepcopy(tiny[0]), RTNConfig(bits=8, head=True), tok=tok)[0]["stats"]
+    assert per_channel["lm_head"].startswith("int8 per row") and "group_sizes" not in per_channel
+    x = torch.randint(0, 8192, (1, 16))
+    pocketlm.save(model, tok, tmp_path / "q8g32")
+    again, _ = pocketlm.load(tmp_path / "q8g32")
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, model(x).logits)

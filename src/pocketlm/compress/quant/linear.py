@@ -1,6 +1,6 @@
 """Quantized modules with torch's fused CPU kernels, stored in a portable layout.
 
-- QuantLinear, weight-only: int8 (N, K) with a scale per output channel → `pocketlm_cpu::qlinear8`;
+- QuantLinear, weight-only: int8 (N, K) with a scale per output channel or group → `pocketlm_cpu::qlinear8`;
   int4 two codes per byte, (scale, zero) per group → `pocketlm_cpu::qlinear4` (both
   runtime/cpu_qlinear.cpp, fp32 activations, on the stored layout). int3 codes (and int4 on a
   machine where that kernel cannot be built) in torch's int4 tiling → `aten._weight_int4pack_mm_for_cpu`
@@ -56,6 +56,9 @@ def kernel_matmul(x2: torch.Tensor, bits: int, qweight: torch.Tensor, scales: to
         y = cpu_linear.qlinear8(x2.float(), qweight, scales)
         if y is not None:
             return y
+        if scales.shape[1] > 1:  # torch's int8 kernel takes one scale per row: named fallback
+            return x2.float() @ P.dequantize_matrix(qweight.to(torch.int32), scales.float(),
+                                                    torch.zeros_like(scales, dtype=torch.float32), 8).t()
         pad = -x2.shape[1] % 16
         if pad:  # torch 2.13's int8 kernel segfaults (AVX-512, 2+ rows) when K is not a multiple of 16;
             # only odd (pruned) widths pay this per-call copy of the codes
@@ -176,7 +179,7 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.scheme
-        g = f", group_size={s.group_size}, sym={s.sym}" if s.bits != 8 else ""
+        g = "" if s.group_size is None else f", group_size={s.group_size}" + (f", sym={s.sym}" if s.bits != 8 else "")
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}{g}"
 
 
@@ -194,7 +197,9 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.table[0]
         rows = F.embedding(ids, t.qweight).to(t.out_dtype)
-        return rows * t.scales[ids].to(t.out_dtype)
+        G = t.scales.shape[1]  # a scale per row, or per group of the row's inputs
+        scaled = rows.unflatten(-1, (G, -1)) * t.scales[ids].to(t.out_dtype)[..., None]
+        return scaled.flatten(-2)
 
 
 class W8A8Linear(nn.Module):

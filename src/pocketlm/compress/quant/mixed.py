@@ -65,7 +65,7 @@ class MixedPrecisionConfig(PassConfig):
         check(self.sensitivity_samples >= 1, "sensitivity_samples must be at least 1", "use e.g. 8")
 
     def scheme(self, bits: int) -> Scheme:
-        return Scheme(bits, self.group_size, self.sym)
+        return Scheme(bits, self.group_size if bits != 8 else None, self.sym)  # int8 layers: per channel
 
 
 def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> float:

@@ -3,7 +3,9 @@
 Every scheme writes a weight as w ≈ (q − MID[bits]) · s + z with an integer code q per weight and a
 scale s and offset z per group of inputs (per output row for int8):
 
-- int8: symmetric per output channel, q in −127..127, z = 0 (torch's int8 kernel layout).
+- int8: symmetric, q in −127..127, z = 0; one scale per output channel (torch's int8 kernel layout),
+  or per group of `group_size` inputs (llama.cpp's Q8_0 layout at 32: a Q8_0 source is then kept
+  exactly, and a channel's few large inputs no longer coarsen the steps of all its other weights).
 - int4/int3: per group of `group_size` inputs, q in 0..2^bits−1, MID = 8 (torch's int4 kernel
   subtracts 8 and adds z, so int3 codes run on the same kernel). Asymmetric maps the group's min to
   code 0 and its max to the top code; symmetric centres the codes on zero.
@@ -29,15 +31,14 @@ CODES = {8: (-127, 127), 4: (0, 15), 3: (0, 7)}  # (lowest, highest) code
 
 @dataclasses.dataclass(frozen=True)
 class Scheme:
-    """bits 8 (per channel, symmetric), 4 or 3 (per group of `group_size` inputs)."""
+    """bits 8 (symmetric), 4 or 3, with a scale per group of `group_size` inputs."""
 
     bits: int
     group_size: int | None = None  # None: one group per output row
     sym: bool = False
 
     def __post_init__(self) -> None:
-        if self.bits == 8:  # the int8 kernel takes one scale per row and no offset
-            object.__setattr__(self, "group_size", None)
+        if self.bits == 8:  # the int8 kernels take no offset
             object.__setattr__(self, "sym", True)
 
     def fit(self, in_features: int) -> "Scheme":

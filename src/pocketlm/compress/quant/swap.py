@@ -61,7 +61,11 @@ def scheme_stats(model, head: bool) -> dict:
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = isinstance(in_emb, QuantEmbedding) and in_emb.table[0] is out_emb or (
         hasattr(out_emb, "weight") and hasattr(in_emb, "weight") and out_emb.weight is in_emb.weight)
-    kind = "int8 per row" if head else f"float ({str(out_emb.weight.dtype).removeprefix('torch.')}, not quantized)"
+    if head:
+        group = getattr(getattr(out_emb, "scheme", None), "group_size", None)
+        kind = f"int8 per group of {group}" if group else "int8 per row"
+    else:
+        kind = f"float ({str(out_emb.weight.dtype).removeprefix('torch.')}, not quantized)"
     return {**({"group_sizes": groups} if groups else {}),
             "lm_head": kind + ("; tied to the embedding: one table" if tied else "; embedding separate")}
 
@@ -71,20 +75,21 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def quantize_head_(model) -> dict:
-    """Quantize the LM head to an int8 table (per row) and make the embedding look up its rows from
-    the same table when the two are tied (else from its own int8 table)."""
+def quantize_head_(model, group_size: int | None = None) -> dict:
+    """Quantize the LM head to an int8 table (a scale per row, or per group of `group_size`) and make
+    the embedding look up its rows from the same table when the two are tied (else from its own)."""
     check_head(model)
     head, emb = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head.weight.data_ptr() == emb.weight.data_ptr()
-    table = QuantLinear.from_linear(head, Scheme(8))
+    scheme = Scheme(8, group_size).fit(head.in_features)
+    table = QuantLinear.from_linear(head, scheme)
     model.lm_head = table
     if tied:
         emb_table = table
     else:
         lin = nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, dtype=emb.weight.dtype)
         lin.weight = emb.weight
-        emb_table = QuantLinear.from_linear(lin, Scheme(8))
+        emb_table = QuantLinear.from_linear(lin, scheme)
     model.set_input_embeddings(QuantEmbedding(emb_table, emb.padding_idx))
     if not tied:
         model.model.embed_table = emb_table  # registered here so that it is saved
