@@ -157,7 +157,7 @@ def section_parity(args, work: Path) -> dict:
 
 
 QUANT_METHODS = ("rtn8", "rtn4", "q41", "gptq", "awq", "mixed", "rtn8f", "gptq8", "rtn4g64", "gptq4g64", "awq4g64",
-                 "gptq8f", "gptq4g32", "awq4g32", "mixedg32")
+                 "gptq8f", "gptq4g32", "awq4g32", "mixedg32", "rtn8g32", "gptq8g32")
 
 
 def section_quant(args, work: Path) -> dict:
@@ -208,6 +208,8 @@ def section_quant(args, work: Path) -> dict:
         (f"mixed 4/8 g32 ≤ Q4_K_M ({sizes['Q4_K_M']:.1f} MB)",
          [("MixedPrecisionConfig", {"max_size_mb": sizes["Q4_K_M"], "candidates": (4, 8), "group_size": 32,
                                     "sensitivity_samples": 1})]),
+        ("RTN int8 g32 (Q8_0 layout)", [("RTNConfig", {"bits": 8, "group_size": 32, "head": True})]),
+        ("GPTQ int8 g32 (Q8_0 layout)", [("GPTQConfig", {"bits": 8, "group_size": 32, "head": True})]),
     ]
     keep = args.quant_methods.split(",")
     for (label, configs), key in zip(jobs, QUANT_METHODS):

@@ -60,13 +60,13 @@ def test_refuses_other_architectures_and_leaves_nothing(tmp_path, tiny):
     assert torch.is_tensor(tiny[0].lm_head.weight)
 
 
-def _int8_model(tiny):
+def _int8_model(tiny, group_size=None):
     import copy
 
     import pocketlm
     from pocketlm.compress.quant.rtn import RTNConfig
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
-    pocketlm.compress_(model, RTNConfig(bits=8, head=True), tok=tok)
+    pocketlm.compress_(model, RTNConfig(bits=8, group_size=group_size, head=True), tok=tok)
     return model, tok
 
 
@@ -89,6 +89,19 @@ def test_int8_model_exports_q8_0_of_its_dequantized_weights(tmp_path, tiny):
         d = np.abs(ref).reshape(ref.shape[0], -1, 32).max(-1, keepdims=True) / 127
         err = np.abs(got - ref).reshape(ref.shape[0], -1, 32)
         assert (err <= 0.57 * d + 1e-7).all(), name  # the float weights re-rounded miss this (1.6 d)
+
+
+def test_int8_in_groups_of_32_is_q8_0_without_a_second_rounding(tmp_path, tiny):
+    model, tok = _int8_model(tiny, group_size=32)  # Q8_0's own layout: the file keeps the codes
+    tensors = {t.name: t for t in gguf.GGUFReader(str(export_gguf(model, tok, tmp_path / "m.gguf", "auto"))).tensors}
+    layers = [("token_embd.weight", model.lm_head), ("blk.3.ffn_down.weight", model.model.layers[3].mlp.down_proj)]
+    for name, layer in layers:
+        t = tensors[name]
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.shape[::-1])
+        ref = layer.dequantize().numpy()
+        d = np.abs(ref).reshape(ref.shape[0], -1, 32).max(-1, keepdims=True) / 127
+        err = np.abs(got - ref).reshape(ref.shape[0], -1, 32)
+        assert (err <= 0.01 * d + 1e-9).all(), name  # rounded once more, errors would reach d/2
 
 
 def test_auto_type_follows_the_bits(tiny):

@@ -5,9 +5,10 @@ architecture rotates interleaved pairs while HF Llama rotates halves, so Q and K
 on the way out, as llama.cpp's own converter does.
 
 pocketlm's quantized modules (QuantLinear, W8A8Linear, QuantEmbedding) are written by dequantizing
-their codes to float and quantizing again to the file's type: GGUF has no layout for pocketlm's
-groups, so int8 rows become Q8_0 blocks and int4/int3 groups become Q4_0 blocks of 32 weights
-(one fp16 scale each, no offset), a second rounding. `auto_qtype` picks the type a model's bits fit.
+their codes to float and quantizing again to the file's type: int8 rows or groups become Q8_0 blocks
+and int4/int3 groups Q4_0 blocks of 32 weights (one fp16 scale each, no offset), a second rounding,
+except for int8 in groups of 32 (Q8_0's own layout), whose codes come back unchanged wherever a
+group's largest code is ±127 (always with RTN). `auto_qtype` picks the type a model's bits fit.
 """
 from __future__ import annotations
 
