@@ -24,7 +24,7 @@ def rl_cmd(
     clip: float = typer.Option(0.2, help="PPO clip range of the policy ratio."),
     explore: float = typer.Option(0.25, help="Share of each group whose think/no-think decision is forced."),
     w_format: float = typer.Option(0.2, help="Weight of the format reward."),
-    w_cost: float = typer.Option(0.1, help="Starting weight of the cost reward (0: off; it adapts)."),
+    w_cost: float = typer.Option(0.1, help="Cost reward weight: its floor; it rises once accuracy is at target (0: off)."),
     w_repetition: float = typer.Option(0.2, help="Weight of the repetition reward."),
     target_accuracy: Optional[float] = typer.Option(None, help="Accuracy above which the cost weight rises (default: "
                                                     "forced-thinking samples' accuracy minus 1 point)."),
@@ -33,6 +33,8 @@ def rl_cmd(
     backend: str = typer.Option("inprocess", help="inprocess (threads) or ray (Ray actors)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: start a local one)."),
     warmup_items: int = typer.Option(2048, help="Items of the format warm-up before RL (0: none)."),
+    warmup_correct_only: bool = typer.Option(True, "--warmup-correct-only/--warmup-all",
+                                             help="Warm up only on the model's answers the checker accepts."),
     time_limit: Optional[float] = typer.Option(None, help="Stop after this many seconds of training."),
     checker: list[str] = typer.Option([], help="KIND=numeric|exact: the answer checker of a task kind."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N task items."),
@@ -52,7 +54,8 @@ def rl_cmd(
     cfg = RLConfig(steps=steps, prompts_per_step=prompts_per_step, group_size=group_size, max_tokens=max_tokens,
                    lr=lr, kl_coef=kl_coef, clip=clip, explore=explore, w_format=w_format, w_cost=w_cost,
                    w_repetition=w_repetition, target_accuracy=target_accuracy, staleness=staleness,
-                   workers=workers, backend=backend, warmup_items=warmup_items, time_limit_s=time_limit, seed=seed)
+                   workers=workers, backend=backend, warmup_items=warmup_items,
+                   warmup_correct_only=warmup_correct_only, time_limit_s=time_limit, seed=seed)
     kinds = _checkers(checker)
     items = [{**it, "checker": kinds[it.get("kind")]} if it.get("kind") in kinds else it
              for it in read_tasks(tasks, limit)]

@@ -14,7 +14,7 @@ from test_cli import assert_bad_input, run
 
 TASKS = ASSETS / "data" / "arith_test.jsonl"
 SMALL = dict(steps=2, prompts_per_step=2, group_size=4, max_tokens=16, warmup_items=4, warmup_epochs=1,
-             micro_batch=4, checkpoint_every=1)
+             warmup_correct_only=False, micro_batch=4, checkpoint_every=1)  # tiny answers no sum right
 
 
 def _items(n=8):
@@ -96,3 +96,25 @@ def test_cli_rl(tmp_path, capsys):
                           (["--tasks", str(TASKS), "-o", str(out)], "exists")]:
         argv = ["rl", "tiny", "-o", str(work / "x"), *args] if "-o" not in args else ["rl", "tiny", *args]
         assert_bad_input(argv, capsys, work, problem)
+
+
+
+def test_warmup_keeps_only_answers_the_checker_accepts(reasoner):
+    from pocketlm.rl.rewards import Completion, correctness
+    from pocketlm.rl.warmup import warmup_targets
+    model, tok = reasoner
+    items = _items(48)
+    kw = dict(warmup_items=48, max_tokens=96, replay=False, switch="/any_think")
+
+    def right(prompts, comps):  # each target judged against the item whose question its prompt holds
+        out = []
+        for p, c in zip(prompts, comps):
+            item = next(it for it in items if it["question"] in tok.decode(p))
+            out.append(correctness("", Completion(tok.decode(c), c, True, 96), item) == 1.0)
+        return out
+
+    every = right(*warmup_targets(model, tok, items, RLConfig(**kw, warmup_correct_only=False),
+                                  show_progress=False)[:2])
+    kept = right(*warmup_targets(model, tok, items, RLConfig(**kw), show_progress=False)[:2])
+    assert not all(every)  # the model gets some of these wrong (fast mode) ...
+    assert all(kept) and len(kept) == sum(every)  # ... and only those are dropped

@@ -23,7 +23,8 @@ class RLConfig(BaseConfig):
     min(pi_prox / pi_behaviour, is_cap) for stale or forced tokens, k3 KL to the reference (kl_coef);
     AdamW at lr, gradient norm clipped at 1; epochs passes over each batch; micro_batch rows per forward.
     Reward: weights per source (see rewards.py); the cost weight adapts by dual ascent on the constraint
-    "accuracy of the policy's own choices >= target" at cost_lr per step, within [0, cost_max]; target:
+    "accuracy of the policy's own choices >= target" at cost_lr per step, within [w_cost, cost_max]
+    (the configured weight is its floor: not thinking always earns that margin); target:
     target_accuracy, or (None) the accuracy of the same steps' forced-thinking samples minus
     accuracy_margin (thinking less may cost at most that much accuracy).
     Scheduler: staleness s (0 = synchronous GRPO; s >= 1 lets rollouts run up to s policy versions
@@ -31,7 +32,8 @@ class RLConfig(BaseConfig):
     Prompt: the user turn ends with `switch`, the soft switch that asks the model to choose (openPangu's
     /auto_think; '' = none). Warm-up: warmup_items items whose own switched-mode answers teach the
     choosing prompt, before RL (0 = off); warmup_epochs over them at warmup_lr; replay: train the same
-    answers under their switched prompts too, so /think and /no_think keep working.
+    answers under their switched prompts too, so /think and /no_think keep working; warmup_correct_only:
+    keep only the answers the item's checker accepts.
     time_limit_s: stop after this wall time (None = after `steps`); checkpoint_every steps; seed.
     """
 
@@ -62,6 +64,7 @@ class RLConfig(BaseConfig):
     warmup_lr: float = 5e-5
     switch: str = "/auto_think"
     replay: bool = True
+    warmup_correct_only: bool = True
     time_limit_s: float | None = None
     checkpoint_every: int = 10
     seed: int = 0

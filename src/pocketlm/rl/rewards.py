@@ -12,11 +12,14 @@ The rule (documented in the README): each source is divided by its running stand
 recent steps (so a source's weight, not its units, sets its pull; a source that does not vary adds a
 constant, which group normalization removes), multiplied by its weight, and summed over the sources
 that apply. The cost weight adapts by dual ascent on the constraint "the policy's own choices are accurate enough":
-    w_cost <- clip(w_cost + cost_lr * (acc_own - target), 0, cost_max)
+    w_cost <- clip(w_cost + cost_lr * (acc_own - target), w_cost_0, cost_max)
 acc_own: running accuracy of the samples whose decision was not forced; target: target_accuracy, or
 the running accuracy of the forced-thinking samples minus accuracy_margin. Once choosing loses no more
-than the margin against always thinking, answering shorter pays more; when it loses more, thinking is
-cheap again.
+than the margin against always thinking, answering shorter pays more. The floor w_cost_0 (the
+configured weight) is AdaptThink's fixed margin: within a group, not thinking keeps a constant bonus,
+so thinking pays only on prompts where it raises the chance of a right answer by more than that
+margin. (With a floor of 0 the weight fell to 0 whenever sampled accuracies dipped, and the think rate
+swung between always and never: the README's RL section.)
 """
 from __future__ import annotations
 
@@ -149,7 +152,7 @@ class AdaptiveReward:
         if target is None:
             return
         w = self.weights["cost"] + self.cfg.cost_lr * (self.acc["own"] - target)
-        self.weights["cost"] = min(max(w, 0.0), self.cfg.cost_max)
+        self.weights["cost"] = min(max(w, self.cfg.w_cost), self.cfg.cost_max)
 
     def target(self) -> float | None:
         if self.cfg.target_accuracy is not None:

@@ -3,10 +3,12 @@
 A model trained only with `/think` / `/no_think` switches may answer a prompt that ends otherwise
 poorly (the reference reasoner, with no switch: 23% on arithmetic, against 98% slow and 76% fast).
 Before RL, each warm-up item gets a mode at random (half each) and the model's own greedy answer in
-that switched mode; that answer becomes the target for the choosing prompt (self-distillation: no
-answer is filtered by correctness, so the warm-up teaches the format and both modes, never *when* to
-think; that is left to RL). With replay the same answers are trained under their switched prompts
-too, so the forced modes do not drift. This is the first of Pangu Embedded's two stages
+that switched mode; that answer becomes the target for the choosing prompt (self-distillation). With
+warmup_correct_only, answers the item's checker rejects are dropped (rejection sampling, as
+distillation data is filtered): the model is not taught its own mistakes, and since the mode was drawn
+at random the kept targets lean to fast mode only where fast answers are right; *when* to think is
+otherwise left to RL. With replay the same answers are trained under their switched prompts too, so
+the forced modes do not drift. This is the first of Pangu Embedded's two stages
 (distillation, then RL) in its smallest form.
 """
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Sequence
 
 import torch
 
+from ..errors import DataError
 from ..progress import progress_bar
 from ..runtime.choice import ModeChoice
 from ..runtime.dual import DualSystem
 from ..runtime.generate import Generator
 from .config import RLConfig
 from .grpo import pack, token_logprobs
+from .rewards import checker_for, clean
 
 
 def warmup_targets(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool = True
@@ -42,6 +46,8 @@ def warmup_targets(model, tok, items: Sequence[dict], cfg: RLConfig, show_progre
             rows = dual.decode([dual.prompt(items[i]["question"], mode) for i in part], mode)
             for i, row in zip(part, rows):
                 toks = list(row.tokens) + ([row.stop_token] if row.finish == "stop" else [])
+                if cfg.warmup_correct_only and not _correct(tok, toks, items[i]):
+                    continue
                 if cfg.replay:
                     prompts.append(dual.prompt(items[i]["question"], mode))
                     comps.append(list(toks))
@@ -58,11 +64,19 @@ def warmup_targets(model, tok, items: Sequence[dict], cfg: RLConfig, show_progre
     return prompts, comps, kept
 
 
+def _correct(tok, toks: list[int], item: dict) -> bool:
+    answer = clean(tok.decode(toks, skip_special_tokens=False).rsplit("</think>", 1)[-1])
+    return checker_for(item)(answer, item["answer"])
+
+
 def warmup(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool = True) -> dict:
     """Teach the unswitched prompt (see the module doc); the model is trained in place. Returns stats."""
     t0 = time.perf_counter()
     model.eval()
     prompts, comps, modes = warmup_targets(model, tok, items, cfg, show_progress)
+    if not prompts:
+        raise DataError(f"the warm-up kept none of {len(items)} answers: the model answers none right",
+                        "turn warmup_correct_only off, use more warm-up items, or start from a model that solves some")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rng = random.Random(cfg.seed + 1)
@@ -87,7 +101,8 @@ def warmup(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
     own = [m for m in modes if m != "replay"]
-    return {"items": len(own), "sequences": len(prompts), "replay": cfg.replay,
+    return {"items": len(items), "kept": len(own), "correct_only": cfg.warmup_correct_only,
+            "sequences": len(prompts), "replay": cfg.replay,
             "think_share": sum(m == "slow" for m in own) / max(1, len(own)),
             "epochs": cfg.warmup_epochs, "steps": total, "final_loss": sum(tail) / len(tail),
             "wall_s": time.perf_counter() - t0}
