@@ -22,6 +22,7 @@ def rl_cmd(
     lr: float = typer.Option(2e-5, help="AdamW learning rate."),
     kl_coef: float = typer.Option(0.02, help="Weight of KL to the reference (the policy after warm-up)."),
     clip: float = typer.Option(0.2, help="PPO clip range of the policy ratio."),
+    temperature: float = typer.Option(0.6, help="Sampling temperature of the rollouts (the policy trained)."),
     explore: float = typer.Option(0.25, help="Share of each group whose think/no-think decision is forced."),
     w_format: float = typer.Option(0.2, help="Weight of the format reward."),
     w_cost: float = typer.Option(0.1, help="Cost reward weight: its floor; it rises once accuracy is at target (0: off)."),
@@ -52,8 +53,8 @@ def rl_cmd(
     from .rl.trainer import train_rl
 
     cfg = RLConfig(steps=steps, prompts_per_step=prompts_per_step, group_size=group_size, max_tokens=max_tokens,
-                   lr=lr, kl_coef=kl_coef, clip=clip, explore=explore, w_format=w_format, w_cost=w_cost,
-                   w_repetition=w_repetition, target_accuracy=target_accuracy, staleness=staleness,
+                   temperature=temperature, lr=lr, kl_coef=kl_coef, clip=clip, explore=explore, w_format=w_format,
+                   w_cost=w_cost, w_repetition=w_repetition, target_accuracy=target_accuracy, staleness=staleness,
                    workers=workers, backend=backend, warmup_items=warmup_items,
                    warmup_correct_only=warmup_correct_only, time_limit_s=time_limit, seed=seed)
     kinds = _checkers(checker)

@@ -15,7 +15,7 @@ ITEMS = [{"question": "What is 12+7?", "answer": "19", "kind": "add"},
 @pytest.fixture(scope="module")
 def groups(tiny):
     model, tok = tiny
-    worker = RolloutWorker(model, tok, RLConfig(group_size=4, explore=0.5, max_tokens=12))
+    worker = RolloutWorker(model, tok, RLConfig(group_size=4, explore=0.5, max_tokens=12, temperature=0.6))
     return worker, worker.rollout(ITEMS, seed=3)
 
 
@@ -32,16 +32,16 @@ def test_groups_and_forced_decisions(groups):
 
 
 def test_behaviour_logprobs_match_the_learner(tiny, groups):
-    """Free tokens: the engine's log-probs equal a full forward's; a forced think decision: log 1/2 plus
-    the token's log-probability among the others."""
+    """Free tokens: the behaviour log-probs equal the learner's at the sampling temperature; a forced
+    think decision: log 1/2 plus the token's log-probability among the others."""
     model, tok = tiny
     worker, out = groups
-    d = worker.choice.decision
+    d, T = worker.choice.decision, worker.cfg.temperature
     samples = [(g.prompt, s) for g in out for s in g.samples]
     ids, attn, target = pack([p for p, _ in samples], [s.tokens for _, s in samples], pad=0)
     with torch.no_grad():
-        lp = token_logprobs(model, ids, attn)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+        lp = token_logprobs(model, ids, attn, T)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / T
     for b, (prompt, s) in enumerate(samples):
         learner = lp[b][target[b]]
         assert len(learner) == len(s.tokens)
@@ -56,7 +56,8 @@ def test_behaviour_logprobs_match_the_learner(tiny, groups):
 def test_same_seed_same_rollout(tiny, groups):
     model, tok = tiny
     _, out = groups
-    again = RolloutWorker(model, tok, RLConfig(group_size=4, explore=0.5, max_tokens=12)).rollout(ITEMS, seed=3)
+    again = RolloutWorker(model, tok, RLConfig(group_size=4, explore=0.5, max_tokens=12, temperature=0.6)
+                          ).rollout(ITEMS, seed=3)
     assert [s.tokens for g in again for s in g.samples] == [s.tokens for g in out for s in g.samples]
 
 
@@ -74,7 +75,7 @@ def test_new_weights_reach_the_engine(tiny):
     g = worker.rollout(ITEMS[:1], seed=0)[0]
     ids, attn, target = pack([g.prompt] * 2, [s.tokens for s in g.samples], pad=0)
     with torch.no_grad():
-        lp = token_logprobs(other, ids, attn)
+        lp = token_logprobs(other, ids, attn, worker.cfg.temperature)
     for b, s in enumerate(g.samples):
         assert torch.allclose(lp[b][target[b]], torch.tensor(s.behaviour), atol=1e-3)
     assert g.version == 1

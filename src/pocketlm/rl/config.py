@@ -16,7 +16,11 @@ class RLConfig(BaseConfig):
     """GRPO with a multi-source adaptive reward and a bounded-staleness scheduler.
 
     Sampling: steps learner updates, each on prompts_per_step groups of group_size completions sampled
-    from the policy itself (temperature 1) with at most max_tokens new tokens. explore: share of each
+    from the policy itself at `temperature` with at most max_tokens new tokens; the policy trained is
+    that tempered distribution (the learner's log-probabilities use the same temperature). At 1.0 a
+    small model's long think traces go wrong far more often than at greedy decoding (on `reasoner`,
+    forced thinking ~80% right when sampled against 99% greedy, fast answers ~75% against 78%), which
+    teaches it that thinking barely pays; 0.6 is Qwen3's advice for thinking mode. explore: share of each
     group whose think/no-think decision is forced, half each way (AdaptThink's importance sampling; the
     forced decision's behaviour probability is 1/2 and enters the truncated IS weight).
     Loss: clipped policy loss (clip) on group-normalized advantages, truncated importance weights
@@ -41,6 +45,7 @@ class RLConfig(BaseConfig):
     prompts_per_step: int = 8
     group_size: int = 8
     max_tokens: int = 192
+    temperature: float = 0.6
     explore: float = 0.25
     lr: float = 2e-5
     clip: float = 0.2
@@ -77,6 +82,8 @@ class RLConfig(BaseConfig):
             check(getattr(self, name) >= 1, f"{name} {getattr(self, name)} is below 1", "use 1 or more")
         check(self.group_size >= 2, f"group_size {self.group_size} is below 2",
               "use 2 or more completions per prompt: GRPO compares them")
+        check(0 < self.temperature <= 2, f"temperature {self.temperature} is outside (0, 2]",
+              "use a sampling temperature in (0, 2], e.g. 0.6")
         check(0 <= self.explore <= 1, f"explore {self.explore} is outside [0, 1]", "use a share in [0, 1]")
         check(self.lr > 0 and self.warmup_lr > 0, "a learning rate is not positive", "use a positive lr")
         check(0 < self.clip < 1, f"clip {self.clip} is outside (0, 1)", "use e.g. 0.2")

@@ -34,10 +34,16 @@ def pack(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
     return ids, attn, target
 
 
-def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) log-probability of each next token under `model` (fp32 log-softmax)."""
+def next_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T-1, V) log-probabilities of the next token under `model` at `temperature` (fp32)."""
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    return logits.log_softmax(-1).gather(2, ids[:, 1:, None])[..., 0]
+    return (logits / temperature).log_softmax(-1)
+
+
+def token_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T-1) log-probability of each next token under `model` at `temperature` (the policy RL trains
+    is the one it samples from: softmax(logits / temperature), as verl)."""
+    return next_logprobs(model, ids, attn, temperature).gather(2, ids[:, 1:, None])[..., 0]
 
 
 def policy_loss(logp: torch.Tensor, prox: torch.Tensor, behaviour: torch.Tensor, ref: torch.Tensor | None,

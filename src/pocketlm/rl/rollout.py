@@ -1,12 +1,14 @@
 """Rollouts: groups of completions sampled from the policy, with the log-probabilities that made them.
 
 A RolloutWorker holds its own copy of the policy (weights set by the scheduler, tagged with the
-policy version) and samples `group_size` completions per prompt with the engine (temperature 1, no
-repair: loops are the repetition reward's business). A share `explore` of each group has its
-think/no-think decision forced, half each way, as AdaptThink's importance sampling does; the
-behaviour log-probability of that decision is log 1/2 (forced no-think) or log 1/2 + the model's
+policy version) and samples `group_size` completions per prompt with the engine (at the config's
+temperature, no repair: loops are the repetition reward's business). A share `explore` of each group
+has its think/no-think decision forced, half each way, as AdaptThink's importance sampling does; the
+behaviour log-probability of that decision is log 1/2 (forced no-think) or log 1/2 + the policy's
 log-probability among the other tokens (forced think), so the learner's importance weights correct
-for it exactly.
+for it exactly. Behaviour log-probabilities are those of the tempered policy, computed by the
+learner's own function (`token_logprobs`) with the worker's weights, so that for a fresh sample
+they equal the learner's to the bit.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ..runtime.generate import Generator
 from ..runtime.rows import Row, decode_rows
 from ..runtime.sampling import SamplingConfig
 from .config import RLConfig
+from .grpo import next_logprobs, pack
 from .rewards import Completion, score
 
 HALF = math.log(0.5)
@@ -79,29 +82,47 @@ class RolloutWorker:
                 kinds.append(forced)
                 rows.append(_start(forced, self.choice.decision))
         final = None
-        sampling = SamplingConfig(temperature=1.0, seed=seed)
+        sampling = SamplingConfig(temperature=cfg.temperature, seed=seed)
         with torch.inference_mode():
             for final in decode_rows(self.gen, prompts, cfg.max_tokens, sampling, stops=self.stops,
                                       start=rows):
                 pass
+        completions = [list(r.tokens) + ([r.stop_token] if r.finish == "stop" else []) for r in final]
+        behaviour = self.behaviour(prompts, completions, kinds)
         groups = []
         for g, it in enumerate(items):
             samples = []
             for j in range(G):
                 row, forced = final[g * G + j], kinds[g * G + j]
-                tokens, lps = list(row.tokens), list(row.logprobs)
-                if row.finish == "stop":
-                    tokens.append(row.stop_token)
-                    lps.append(row.stop_logprob)
-                if forced == "fast":
-                    lps[0] = HALF
-                elif forced == "slow":
-                    lps[0] += HALF
+                tokens, lps = completions[g * G + j], behaviour[g * G + j]
                 comp = Completion(self.choice.text(tokens), tokens, row.finish == "stop", cfg.max_tokens)
                 samples.append(Sample(tokens, lps, forced, self.choice.thought(tokens),
                                       score(it["question"], comp, it)))
             groups.append(Group(it, prompts[g * G], samples, self.version))
         return groups
+
+    def behaviour(self, prompts: list[list[int]], completions: list[list[int]], kinds: list[str | None]
+                  ) -> list[list[float]]:
+        """Each completion's per-token log-probabilities under the tempered policy; a forced decision's
+        first token as the module doc says."""
+        out = []
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        with torch.inference_mode():
+            for b0 in range(0, len(prompts), self.cfg.micro_batch):
+                ids, attn, target = pack(prompts[b0:b0 + self.cfg.micro_batch],
+                                         completions[b0:b0 + self.cfg.micro_batch], pad)
+                full = next_logprobs(self.model, ids, attn, self.cfg.temperature)
+                lp = full.gather(2, ids[:, 1:, None])[..., 0]
+                for b in range(ids.shape[0]):
+                    lps = lp[b][target[b]].tolist()
+                    forced = kinds[b0 + b]
+                    if forced == "fast":
+                        lps[0] = HALF
+                    elif forced == "slow":  # sampled among the tokens other than the decision
+                        first = len(prompts[b0 + b]) - 1
+                        lps[0] += HALF - math.log1p(-math.exp(full[b, first, self.choice.decision].item()))
+                    out.append(lps)
+        return out
 
 
 def _start(forced: str | None, decision: int) -> Row:

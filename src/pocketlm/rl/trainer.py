@@ -130,7 +130,7 @@ def update(model, ref, opt, groups: list[Group], cfg: RLConfig, pad: int) -> dic
         for b, r in enumerate(chunk):
             behaviour[b, target[b]] = torch.tensor(r[1].behaviour, dtype=torch.float32)
         with torch.no_grad():
-            ref_lp = token_logprobs(ref, ids, attn) if ref is not None else None
+            ref_lp = token_logprobs(ref, ids, attn, cfg.temperature) if ref is not None else None
         packed.append([ids, attn, target, behaviour, torch.tensor([r[2] for r in chunk]), ref_lp, None])
     model.train()
     totals: dict[str, float] = {}
@@ -139,7 +139,7 @@ def update(model, ref, opt, groups: list[Group], cfg: RLConfig, pad: int) -> dic
         loss_sum = 0.0
         for p in packed:
             ids, attn, target, behaviour, a, ref_lp, prox = p
-            logp = token_logprobs(model, ids, attn)
+            logp = token_logprobs(model, ids, attn, cfg.temperature)
             if prox is None:  # the policy before this batch's first update
                 prox = p[6] = logp.detach()
             loss, st = policy_loss(logp, prox, behaviour, ref_lp, a, target, n_tokens, clip=cfg.clip,

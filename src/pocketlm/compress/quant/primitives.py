@@ -1,7 +1,7 @@
 """Quantization arithmetic on one weight matrix: schemes, parameters, rounding, packing.
 
 Every scheme writes a weight as w ≈ (q − MID[bits]) · s + z with an integer code q per weight and a
-scale s and offset z per group of inputs (per output row for int8):
+scale s and offset z per group of inputs (for int8: per output row, or per group):
 
 - int8: symmetric, q in −127..127, z = 0; one scale per output channel (torch's int8 kernel layout),
   or per group of `group_size` inputs (llama.cpp's Q8_0 layout at 32: a Q8_0 source is then kept
