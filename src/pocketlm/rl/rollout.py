@@ -7,8 +7,8 @@ has its think/no-think decision forced, half each way, as AdaptThink's importanc
 behaviour log-probability of that decision is log 1/2 (forced no-think) or log 1/2 + the policy's
 log-probability among the other tokens (forced think), so the learner's importance weights correct
 for it exactly. Behaviour log-probabilities are those of the tempered policy, computed by the
-learner's own function (`token_logprobs`) with the worker's weights, so that for a fresh sample
-they equal the learner's to the bit.
+learner's own function (`next_logprobs`) with the worker's weights, so that for a fresh sample
+they equal the learner's up to float rounding (the importance weight is then 1).
 """
 from __future__ import annotations
 
