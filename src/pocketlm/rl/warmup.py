@@ -26,7 +26,7 @@ from ..runtime.dual import DualSystem
 from ..runtime.generate import Generator
 from .config import RLConfig
 from .grpo import pack, token_logprobs
-from .rewards import checker_for, clean
+from .rewards import Completion, correctness
 
 
 def warmup_targets(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool = True
@@ -65,8 +65,8 @@ def warmup_targets(model, tok, items: Sequence[dict], cfg: RLConfig, show_progre
 
 
 def _correct(tok, toks: list[int], item: dict) -> bool:
-    answer = clean(tok.decode(toks, skip_special_tokens=False).rsplit("</think>", 1)[-1])
-    return checker_for(item)(answer, item["answer"])
+    """The reward's own correctness source on a warm-up answer."""
+    return correctness("", Completion(tok.decode(toks, skip_special_tokens=False), toks, True, len(toks)), item) == 1.0
 
 
 def warmup(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool = True) -> dict:
@@ -76,7 +76,8 @@ def warmup(model, tok, items: Sequence[dict], cfg: RLConfig, show_progress: bool
     prompts, comps, modes = warmup_targets(model, tok, items, cfg, show_progress)
     if not prompts:
         raise DataError(f"the warm-up kept none of {len(items)} answers: the model answers none right",
-                        "turn warmup_correct_only off, use more warm-up items, or start from a model that solves some")
+                        "turn warmup_correct_only off (--warmup-all), use more warm-up items, "
+                        "or start from a model that solves some")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmup_lr, weight_decay=0.0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rng = random.Random(cfg.seed + 1)
