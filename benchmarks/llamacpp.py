@@ -3,12 +3,15 @@ perplexity on the same token windows as pocketlm (token ids fed in, no re-tokeni
 decode at batch 1 and N (N sequences in one llama_batch per step, as llama-batched-bench does).
 
 Installed on first use (`pip install llama-cpp-python`, which builds llama.cpp for this CPU: ~6 min
-on 2 cores).
+on 2 cores). On CPUs with AMX the build leaves AMX out and names every other x86 feature the CPU has
+(AVX-512 VNNI included): its AMX matmul faults at its first tile load (general protection fault at
+`ldtilecfg`) on the Xeon VMs these benchmarks run on, even with the tile permission granted.
 """
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import statistics
 import subprocess
 import sys
@@ -20,9 +23,28 @@ FTYPES = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q
           "Q4_1": "LLAMA_FTYPE_MOSTLY_Q4_1", "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        line = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return set()
+    return set(line.split(":", 1)[1].split())
+
+
+def build_flags() -> str:
+    """llama.cpp's CMake flags for this x86 CPU without AMX: GGML_NATIVE would turn AMX on."""
+    have = _cpu_flags()
+    features = {"AVX": "avx", "AVX2": "avx2", "FMA": "fma", "F16C": "f16c", "BMI2": "bmi2", "AVX_VNNI": "avx_vnni",
+                "AVX512": "avx512f", "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni",
+                "AVX512_BF16": "avx512_bf16"}
+    on = " ".join(f"-DGGML_{name}={'ON' if flag in have else 'OFF'}" for name, flag in features.items())
+    return f"-DGGML_NATIVE=OFF {on} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+
+
 def ensure_installed():
     if importlib.util.find_spec("llama_cpp") is None:
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python"], check=True)
+        env = {**os.environ, "CMAKE_ARGS": build_flags()} if _cpu_flags() & {"amx_int8", "amx_tile"} else None
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "llama-cpp-python"], check=True, env=env)
     import llama_cpp
     llama_cpp.llama_backend_init()
     llama_cpp.llama_log_set(_silent, ctypes.c_void_p())

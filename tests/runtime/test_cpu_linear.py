@@ -89,3 +89,42 @@ def test_int4_layers_keep_fp32_activations_int3_keeps_torchs_kernel(bits, group)
     torch.testing.assert_close(q(x), want, atol=tol, rtol=tol)
     sd = q.state_dict()  # saved codes are the portable layout either way
     assert sd["qweight"].shape == (64, 256 * bits // 8)
+
+
+def _a8_reference(x, q, s, z, bits):
+    """What the 8-bit-activation kernels compute, in float64: x quantized per block of 32 (round half to
+    even, scale max|x|/127), times the dequantized codes; int4's zero term on the exact fp32 x."""
+    M, K = x.shape
+    blocks = x.view(M, K // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)  # codes rounded from fp32 products, as the kernel does
+    codes8 = torch.where(amax > 0, torch.round(blocks * (127 / amax)), 0)
+    xq = (codes8.double() * (amax / 127).double()).view(M, K)
+    scale = s.double().repeat_interleave(K // s.shape[1], 1)
+    if bits == 8:
+        return xq @ (q.double() * scale).t()
+    codes = torch.stack([q & 15, q >> 4], -1).view(q.shape[0], K).double()
+    zero = z.double().repeat_interleave(K // s.shape[1], 1)
+    return xq @ (codes * scale).t() + x.double() @ (zero - 8 * scale).t()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 9, 16])
+@pytest.mark.parametrize("bits, k, group", [(8, 576, None), (8, 96, 32), (8, 608, 32), (8, 1536, 64), (8, 256, 128),
+                                            (4, 576, 64), (4, 96, 32), (4, 384, 96), (4, 608, 32), (4, 256, 128),
+                                            (4, 256, None)])
+def test_8_bit_activation_kernel_equals_its_arithmetic_in_float64(rows, bits, k, group):
+    """Every load shape of the integer kernels: K tails past the last full code load (576, 608, 96), one
+    to four weight groups per load, groups across loads (96), one scale per row, N tails (37 rows)."""
+    if not cpu_linear.kernels_built() or not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("8-bit activations need an AVX2 build")
+    torch.manual_seed(rows * k + bits)
+    n, groups = 37, k // (group or k)
+    x = torch.randn(rows, k)
+    x[0, 5] = 30.0  # an outlier coarsens one block only
+    if bits == 8:
+        q, z = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.empty(0)
+    else:
+        q, z = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8), torch.randn(n, groups).bfloat16()
+    s = (torch.rand(n, groups) + 0.1).bfloat16()
+    want = _a8_reference(x, q, s, z, bits)
+    got = torch.ops.pocketlm_cpu.qlinear_a8(x, q, s, z).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 2e-5

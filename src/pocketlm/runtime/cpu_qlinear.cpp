@@ -108,8 +108,9 @@ at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& q, const at::Tensor
   Mat A{nullptr, static_cast<const uint8_t*>(q.const_data_ptr()), bf16_ptr(s), bf16_ptr(z), K, G, N,
         bits == 8 ? K : K / 2};
   at::Tensor y = at::empty({M, N}, x.options());
-  qlinear_rows_a8(int(bits), x2.const_data_ptr<float>(), M, A, y.mutable_data_ptr<float>(),
-                  xq.mutable_data_ptr<int8_t>(), d.mutable_data_ptr<float>(), sum.mutable_data_ptr<float>());
+  float* Y = y.mutable_data_ptr<float>();
+  qlinear_rows_a8(int(bits), x2.const_data_ptr<float>(), M, &A, &Y, 1, xq.mutable_data_ptr<int8_t>(),
+                  d.mutable_data_ptr<float>(), sum.mutable_data_ptr<float>());
   return y.view(out_shape(x, N));
 #else
   return at::Tensor();

@@ -11,6 +11,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -36,6 +37,14 @@ struct Scratch {  // per-call buffers of the linears' inputs
   int64_t bits;    // the width the buffers were last prepared for (0: none)
 };
 
+Mat mat(const Lin& L) { return Mat{nullptr, L.Q, L.S, L.Z, L.K, L.G, L.N, L.bits == 8 ? L.K : L.K / 2}; }
+
+void add_bias(const Lin& L, int64_t M, float* Y) {
+  if (L.bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < L.N; ++n) Y[m * L.N + n] += L.bias[n];
+}
+
 // Y (M, N) = X (M, K) · Wᵀ (+ bias); act8: int8/int4 weights take 8-bit activations (cpu_kernels.h).
 // same_input: X is the previous call's input (k, v after q; up after gate), so its reordered or
 // quantized copy is reused when that call's width was the same.
@@ -45,17 +54,33 @@ void run(const Lin& L, const float* X, int64_t M, float* Y, Scratch& sc, bool ac
     sc.bits = 0;  // nothing prepared
     return;
   }
-  const Mat A{nullptr, L.Q, L.S, L.Z, L.K, L.G, L.N, L.bits == 8 ? L.K : L.K / 2};
+  const Mat A = mat(L);
   const bool prepared = same_input && sc.bits == L.bits;
   sc.bits = L.bits;
 #ifdef __AVX2__
-  if (act8) qlinear_rows_a8(int(L.bits), X, M, A, Y, sc.q, sc.d, sc.sum, prepared);
+  if (act8) qlinear_rows_a8(int(L.bits), X, M, &A, &Y, 1, sc.q, sc.d, sc.sum, prepared);
   else
 #endif
     qlinear_rows(int(L.bits), X, M, A, Y, sc.f, prepared);
-  if (L.bias)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < L.N; ++n) Y[m * L.N + n] += L.bias[n];
+  add_bias(L, M, Y);
+}
+
+// The linears of one input (q, k, v; gate, up): with 8-bit activations and one kernel for all of
+// them, one quantization of X and one parallel region over all their rows; else one run each.
+void run_all(const Lin* L, int count, const float* X, int64_t M, float* const* Y, Scratch& sc, bool act8) {
+#ifdef __AVX2__
+  bool fused = act8 && count <= kMaxMats;
+  for (int i = 0; i < count; ++i) fused = fused && L[i].bits != 32 && L[i].bits == L[0].bits && L[i].G == L[0].G;
+  if (fused) {
+    Mat A[kMaxMats];
+    for (int i = 0; i < count; ++i) A[i] = mat(L[i]);
+    qlinear_rows_a8(int(L[0].bits), X, M, A, Y, count, sc.q, sc.d, sc.sum);
+    sc.bits = L[0].bits;
+    for (int i = 0; i < count; ++i) add_bias(L[i], M, Y[i]);
+    return;
+  }
+#endif
+  for (int i = 0; i < count; ++i) run(L[i], X, M, Y[i], sc, act8, i > 0);
 }
 
 // HF's RMSNorm in fp32: w · (x / sqrt(mean(x²) + eps))
@@ -170,9 +195,8 @@ class DecodeStep : public torch::CustomClassHolder {
     for (int64_t i = 0; i < L_; ++i) {
       const Lin* w = &lins_[7 * i];  // q, k, v, o, gate, up, down
       rms_norm(X, norms_[2 * i], h, B, D, eps_);
-      run(w[0], h, B, q, scratch, act8_);
-      run(w[1], h, B, k, scratch, act8_, true);
-      run(w[2], h, B, v, scratch, act8_, true);
+      float* qkv[3] = {q, k, v};
+      run_all(w, 3, h, B, qkv, scratch, act8_);
       float* Kc = keys[i].data_ptr<float>();
       float* Vc = values[i].data_ptr<float>();
       for (int64_t b = 0; b < B; ++b) {
@@ -184,15 +208,15 @@ class DecodeStep : public torch::CustomClassHolder {
         }
       }
       float* pr = probs.data_ptr<float>();
-      at::parallel_for(0, B * H_, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) attend(r, q, Kc, Vc, ok, slot, pr + r * kv_len, a, S, kv_len);
+      at::parallel_for(0, B * KV_, 1, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) attend(r, q, Kc, Vc, ok, slot, pr, a, S, kv_len);
       });
       run(w[3], a, B, h, scratch, act8_);
       for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
       rms_norm(X, norms_[2 * i + 1], h, B, D, eps_);
       const int64_t I = w[4].N;
-      run(w[4], h, B, q, scratch, act8_);  // gate
-      run(w[5], h, B, k, scratch, act8_, true);  // up
+      float* gate_up[2] = {q, k};
+      run_all(w + 4, 2, h, B, gate_up, scratch, act8_);
       for (int64_t j = 0; j < B * I; ++j) a[j] = q[j] / (1.0f + std::exp(-q[j])) * k[j];
       run(w[6], a, B, h, scratch, act8_);
       for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
@@ -204,31 +228,40 @@ class DecodeStep : public torch::CustomClassHolder {
   }
 
  private:
-  // query head r = b·H + qh over the slots of its KV head; writes a[b, qh·hd : (qh+1)·hd]
+  // the query heads of KV head r = b·KV + kh over its slots, together: each key and value row is read
+  // once for all of them (grouped-query attention). Writes a[b, qh·hd : (qh+1)·hd] of those heads,
+  // using p[(b·H + qh)·kv_len + t] for the weights.
   void attend(int64_t r, const float* q, const float* Kc, const float* Vc, const bool* ok, const int64_t* slot,
               float* p, float* a, int64_t S, int64_t kv_len) const {
-    const int64_t b = r / H_, qh = r % H_, kh = qh / (H_ / KV_);
-    const float* qv = q + b * H_ * hd_ + qh * hd_;
+    const int64_t b = r / KV_, kh = r % KV_, n = H_ / KV_, qh0 = kh * n;
     const float* Kb = Kc + (b * KV_ + kh) * S * hd_;
     const float* Vb = Vc + (b * KV_ + kh) * S * hd_;
-    float best = -std::numeric_limits<float>::infinity();
+    const float* qv = q + b * H_ * hd_ + qh0 * hd_;
+    float* pb = p + (b * H_ + qh0) * kv_len;
+    float* out = a + b * H_ * hd_ + qh0 * hd_;
+    constexpr float inf = std::numeric_limits<float>::infinity();
+    std::vector<float> best(n, -inf), total(n, 0.f);
     for (int64_t t = 0; t < kv_len; ++t) {
-      if (ok ? !ok[b * S + t] : t > slot[b]) {
-        p[t] = -std::numeric_limits<float>::infinity();
-        continue;
+      const bool skip = ok ? !ok[b * S + t] : t > slot[b];
+      for (int64_t j = 0; j < n; ++j) {
+        float& s = pb[j * kv_len + t];
+        s = skip ? -inf : dot(qv + j * hd_, Kb + t * hd_, hd_) * scale_;
+        best[j] = std::max(best[j], s);
       }
-      p[t] = dot(qv, Kb + t * hd_, hd_) * scale_;
-      best = std::max(best, p[t]);
     }
-    float total = 0;
-    for (int64_t t = 0; t < kv_len; ++t) total += (p[t] = std::isinf(p[t]) ? 0.f : std::exp(p[t] - best));
-    float* out = a + b * H_ * hd_ + qh * hd_;
-    for (int64_t d = 0; d < hd_; ++d) out[d] = 0;
-    for (int64_t t = 0; t < kv_len; ++t) {
-      if (p[t] == 0.f) continue;
-      const float w = p[t] / total;
-      for (int64_t d = 0; d < hd_; ++d) out[d] += w * Vb[t * hd_ + d];
-    }
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t t = 0; t < kv_len; ++t) {
+        float& s = pb[j * kv_len + t];
+        total[j] += (s = std::isinf(s) ? 0.f : std::exp(s - best[j]));
+      }
+    std::fill(out, out + n * hd_, 0.f);
+    for (int64_t t = 0; t < kv_len; ++t)
+      for (int64_t j = 0; j < n; ++j) {
+        const float w = pb[j * kv_len + t];
+        if (w == 0.f) continue;
+        const float wn = w / total[j];
+        for (int64_t d = 0; d < hd_; ++d) out[j * hd_ + d] += wn * Vb[t * hd_ + d];
+      }
   }
 
   std::vector<at::Tensor> t_;  // keeps every weight alive
