@@ -23,27 +23,48 @@
 namespace {
 using namespace pocketlm;
 
-// Many rows: dequantize `block` weight rows to fp32, multiply, next block (bounded scratch memory).
+// Weight row n as fp32, V codes at a time (groups are whole vectors: g is a multiple of 2V for int4,
+// of 32 or the whole row for int8); int4 even inputs are the low nibbles.
+template <int BITS>
+void dequantize_row(const Mat& A, int64_t n, int64_t g, float* out) {
+  const uint8_t* q = A.Q + n * A.stride;
+  int64_t k = 0;
+  for (int64_t gi = 0; gi < A.G; ++gi) {
+    const float s = bf16(A.S + n * A.G + gi);
+    const int64_t end = (gi + 1) * g;
+    if constexpr (BITS == 8) {
+      for (; k + V <= end; k += V) {
+        const vf w = load8(q + k) * s;
+        std::memcpy(out + k, &w, sizeof w);
+      }
+      for (; k < end; ++k) out[k] = float(int8_t(q[k])) * s;
+    } else {
+      const vf off = vf{} + (bf16(A.Z + n * A.G + gi) - 8 * s);
+      for (; k < end; k += 2 * V) {
+        vf lo, hi;
+        load4(q + k / 2, lo, hi);
+        lo = lo * s + off, hi = hi * s + off;
+        for (int j = 0; j < V; ++j) out[k + 2 * j] = lo[j], out[k + 2 * j + 1] = hi[j];
+      }
+    }
+  }
+}
+
+// Many rows: dequantize `block` weight rows to fp32, multiply, next block (bounded scratch memory;
+// a matrix of one block is multiplied straight into the result).
 template <int BITS>
 at::Tensor prefill(const at::Tensor& x2, const Mat& A) {
   const int64_t M = x2.size(0), K = A.K, N = A.N, g = A.K / A.G;
-  const int64_t block = std::max<int64_t>(64, (1 << 20) / std::max<int64_t>(K, 1));
-  at::Tensor y = at::empty({M, N}, x2.options());
-  at::Tensor w = at::empty({std::min(block, N), K}, x2.options());
+  const int64_t block = std::min(N, std::max<int64_t>(64, (1 << 20) / std::max<int64_t>(K, 1)));
+  at::Tensor w = at::empty({block, K}, x2.options());
   float* W = w.mutable_data_ptr<float>();
+  at::Tensor y = block < N ? at::empty({M, N}, x2.options()) : at::Tensor();
   for (int64_t n0 = 0; n0 < N; n0 += block) {
     const int64_t n1 = std::min(N, n0 + block);
     at::parallel_for(n0, n1, 8, [&](int64_t a, int64_t b) {
-      for (int64_t n = a; n < b; ++n) {
-        const uint8_t* q = A.Q + n * A.stride;
-        float* out = W + (n - n0) * K;
-        for (int64_t k = 0; k < K; ++k) {
-          const float s = bf16(A.S + n * A.G + k / g);
-          if constexpr (BITS == 8) out[k] = float(int8_t(q[k])) * s;
-          else out[k] = float(((q[k / 2] >> (4 * (k & 1))) & 15) - 8) * s + bf16(A.Z + n * A.G + k / g);
-        }
-      }
+      for (int64_t n = a; n < b; ++n) dequantize_row<BITS>(A, n, g, W + (n - n0) * K);
     });
+    if (block == N) return at::mm(x2, w.t());
     y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, w.narrow(0, 0, n1 - n0).t()));
   }
   return y;
