@@ -28,6 +28,7 @@ def machine() -> dict:
     if torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(0)
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "git": _git_rev(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 

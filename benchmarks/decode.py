@@ -34,7 +34,7 @@ from rich.table import Table
 import pocketlm
 from pocketlm.compress import RTNConfig, compress_
 from pocketlm.eval.efficiency import decode_tok_s, prefill_ms
-from pocketlm.runtime import Generator
+from pocketlm.runtime import Generator, cpu_linear
 from common import parse_reference_args, write_result
 
 PROMPT, NEW, PREFILL = 32, 128, 512
@@ -178,9 +178,11 @@ def main() -> None:
     path = write_result(f"decode_{label}", {
         "model": args.model, "threads": args.threads, "prompt_tokens": PROMPT, "new_tokens": NEW,
         "prefill_tokens": PREFILL, "rounds": args.rounds, "rows": rows, "read_bandwidth_gbs": bw,
-        "vs_llama_cpp": vs_llama, "llama_cpp": llamacpp.version(), "greedy_native_vs_eager": identity,
+        "vs_llama_cpp": vs_llama, "llama_cpp": llamacpp.version(), "act8_kernel": cpu_linear.act8_kernel(),
+        "greedy_native_vs_eager": identity,
         "int8_int4": "RTN weight-only: int8 per output channel, int4 asymmetric groups of 64 (4.5 bits per weight, "
-                     "Q4_0's size); the tied LM head and embedding as one int8 table (per row); fp32 activations. "
+                     "Q4_0's size); the tied LM head and embedding as one int8 table (per row); fp32 activations, "
+                     "or (a8) 8-bit activations per block of 32 on the act8_kernel's integer dot products. "
                      "llama.cpp Q8_0/Q4_0: blocks of 32, activations quantized to 8 bits for its integer dot products",
         "targets": {"pocketlm int8 / llama.cpp Q8_0 (b1)": "≥ 1.0×", "pocketlm int4 / llama.cpp Q4_0 (b1)": "≥ 1.0×",
                     "batch 8 / batch 1 throughput": "≥ 4×", "prefill 512 vs llama.cpp": "≥ 1.0×"}})

@@ -231,18 +231,39 @@ inline void quantize_act8(const float* X, int64_t M, int64_t K, bool nibble_orde
   for (int64_t m = 0; m < M; ++m) {
     const float* x = X + m * K;
     for (int64_t c = 0; c < K; c += 32) {
+#ifdef __AVX512F__
+      const float amax = _mm512_reduce_max_ps(
+          _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + c)), _mm512_abs_ps(_mm512_loadu_ps(x + c + 16))));
+#else
       float amax = 0;
       for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[c + j]));
+#endif
       const float scale = amax / 127.f, inv = amax > 0 ? 127.f / amax : 0.f;
       d[m * (K / 32) + c / 32] = scale;
       // int4: block c's 16 evens and 16 odds go to their places in its run (evens first, then odds)
       const int64_t run0 = c - c % kNibbleRun, half = std::min<int64_t>(kNibbleRun, K - run0) / 2;
       int8_t* even = q + m * K + run0 + (c - run0) / 2;
+#ifdef __AVX512F__  // the same roundings (x · inv, then to nearest even) 32 at a time
+      const __m512 a = _mm512_mul_ps(_mm512_loadu_ps(x + c), _mm512_set1_ps(inv));
+      const __m512 b = _mm512_mul_ps(_mm512_loadu_ps(x + c + 16), _mm512_set1_ps(inv));
+      __m512i qa = _mm512_cvtps_epi32(a), qb = _mm512_cvtps_epi32(b);
+      int8_t* lo = q + m * K + c;
+      int8_t* hi = lo + 16;
+      if (nibble_order) {
+        const __m512i evens = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i ev = _mm512_permutex2var_epi32(qa, evens, qb);
+        qb = _mm512_permutex2var_epi32(qa, _mm512_add_epi32(evens, _mm512_set1_epi32(1)), qb);
+        qa = ev, lo = even, hi = even + half;
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo), _mm512_cvtsepi32_epi8(qa));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi), _mm512_cvtsepi32_epi8(qb));
+#else
       for (int j = 0; j < 32; ++j) {
         const int8_t v = int8_t(std::nearbyint(x[c + j] * inv));
         if (!nibble_order) q[m * K + c + j] = v;
         else (j % 2 ? even + half : even)[j / 2] = v;
       }
+#endif
     }
     if (groups > 0) {
       const int64_t g = K / groups;
@@ -299,6 +320,11 @@ std::vector<Load64<BITS>> plan_loads(const Mat& A) {
     out.push_back({_mm512_load_si512(lanes), c0 / g, __mmask8((1u << (last + 1)) - 1)});
   }
   return out;
+}
+
+// up to 16 bf16 values as fp32 (zero where not `live`)
+inline __m512 bf16x16(__mmask16 live, const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, p)), 16));
 }
 
 // the bf16 scales of one load (at most 4 groups), per lane
@@ -361,16 +387,21 @@ void rows_vnni(const Mat& A, const Act8& X, float* Y, int64_t n0, int64_t n1, co
         }
       }
     }
+    if constexpr (BITS == 4)  // + Σ_g (z − 8s) · Σx, 16 groups at a time, in lanes the sum below adds up
+      for (int64_t g0 = 0; g0 < A.G; g0 += 16) {
+        const __mmask16 live = A.G - g0 >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (A.G - g0)) - 1);
+        for (int r = 0; r < R; ++r) {
+          const int64_t at = (n + r) * A.G + g0;
+          const __m512 s = bf16x16(live, A.S + at), z = bf16x16(live, A.Z + at);
+          const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.f), s, z);
+          for (int m = 0; m < M; ++m)
+            acc[m][r] = _mm512_fmadd_ps(off, _mm512_maskz_loadu_ps(live, X.sum + m * A.G + g0), acc[m][r]);
+        }
+      }
     for (int m = 0; m < M; ++m)
       for (int r = 0; r < R; ++r) {
-        float y = _mm512_reduce_add_ps(acc[m][r]);
-        if constexpr (ROW_SCALE) y *= bf16(A.S + n + r);
-        if constexpr (BITS == 4)
-          for (int64_t gi = 0; gi < A.G; ++gi) {
-            const float s = bf16(A.S + (n + r) * A.G + gi), z = bf16(A.Z + (n + r) * A.G + gi);
-            y += (z - 8 * s) * X.sum[m * A.G + gi];
-          }
-        Y[m * A.N + n + r] = y;
+        const float y = _mm512_reduce_add_ps(acc[m][r]);
+        Y[m * A.N + n + r] = ROW_SCALE ? y * bf16(A.S + n + r) : y;
       }
   }
   if (n < n1) rows_vnni<BITS, M, 1, ROW_SCALE>(A, X, Y, n, n1, plan);

@@ -71,6 +71,13 @@ def kernels_built() -> bool:
     return _built
 
 
+def act8_kernel() -> str | None:
+    """The integer dot products of 8-bit activations in this CPU's build ("AVX-512 VNNI", "AVX2"), or None."""
+    if not kernels_built():
+        return None
+    return {2: "AVX-512 VNNI", 1: "AVX2"}.get(torch.ops.pocketlm_cpu.act8_kernel())
+
+
 def build_kernel() -> None:
     """Build (first time on this CPU) and load `pocketlm_cpu::linear`, `::qlinear8` and `::qlinear4`, once per process."""
     global _built

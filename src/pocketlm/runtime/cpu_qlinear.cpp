@@ -137,9 +137,21 @@ at::Tensor qlinear_a8(const at::Tensor& x, const at::Tensor& q, const at::Tensor
   return at::Tensor();
 #endif
 }
+
+// Which integer dot products 8-bit activations run on in this build: 2 AVX-512 VNNI, 1 AVX2, 0 none.
+int64_t act8_kernel() {
+#if defined(POCKETLM_VNNI)
+  return 2;
+#elif defined(__AVX2__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(pocketlm_cpu, m) {
+  m.def("act8_kernel() -> int", act8_kernel);
   m.def("qlinear8(Tensor x, Tensor q, Tensor s) -> Tensor");
   m.def("qlinear4(Tensor x, Tensor q, Tensor s, Tensor z) -> Tensor");
   m.def("qlinear_a8(Tensor x, Tensor q, Tensor s, Tensor z) -> Tensor");

@@ -79,7 +79,9 @@ class Generator:
     def path(self) -> str:
         """Which decode step runs: "native", "compiled" or "eager"."""
         if self.native is not None:
-            return "native" if self.native.activations == "fp32" else "native, int8 activations"
+            if self.native.activations == "fp32":
+                return "native"
+            return f"native, int8 activations ({cpu_linear.act8_kernel()})"
         return "compiled" if self.compiled else "eager"
 
     # ---- token level -------------------------------------------------------------------------
