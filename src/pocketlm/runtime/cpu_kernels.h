@@ -211,9 +211,6 @@ inline const uint16_t* bf16_ptr(const at::Tensor& t) {  // null for an undefined
 constexpr bool kAct8 = true;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define POCKETLM_VNNI 1
-
-
-
 constexpr int kNibbleRun = 128;  // the inputs of 64 bytes of int4 codes
 #else
 constexpr int kNibbleRun = 32;
@@ -294,12 +291,12 @@ void over_rows(const Mat* A, int count, Rows rows) {
 }
 
 #ifdef POCKETLM_VNNI
-// One 64-byte load of codes: IN inputs, BL int32 lanes per 32-input block, and per lane which block
-// and which weight group (relative to the load's first) its sum belongs to.
 // Software prefetch distance in bytes of a row's codes. The R rows of an iteration are adjacent, so
 // this reaches ~1–7 row groups ahead; 4 KB decoded SmolLM2 ~15% faster than 1 KB (8–16 KB: no better).
 constexpr int kPrefetch = 4096;
 
+// One 64-byte load of codes: IN inputs, BL int32 lanes per 32-input block, and per lane which block
+// and which weight group (relative to the load's first) its sum belongs to.
 template <int BITS>
 struct Load64 {
   static constexpr int IN = BITS == 8 ? 64 : 128, BL = 16 / (IN / 32);
