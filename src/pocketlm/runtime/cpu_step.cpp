@@ -119,7 +119,8 @@ float dot(const float* a, const float* b, int64_t n) {
 class DecodeStep : public torch::CustomClassHolder {
  public:
   // tensors: per layer [in_norm, post_norm] + 7 linears × [weight-or-codes, scales, zeros, bias], then
-  // final norm, the head's 4, cos, sin. meta: n_layers, n_heads, n_kv, head_dim, hidden, then per
+  // final norm, the head's 4, cos, sin, then the embedding table: fp32 (vocab, hidden), or int8 codes
+  // and their bf16 (vocab, G) scales. meta: n_layers, n_heads, n_kv, head_dim, hidden, then per
   // linear (7 per layer, then the head) bits, N, K, G.
   // act8: int8/int4 linears quantize their inputs to 8 bits per block of 32 (integer dot products).
   DecodeStep(std::vector<at::Tensor> tensors, std::vector<int64_t> meta, double eps, double scale, bool act8)
@@ -150,18 +151,39 @@ class DecodeStep : public torch::CustomClassHolder {
     for (const Lin& l : lins_) widest_ = std::max({widest_, l.N, l.K});
     head_ = lin();
     cos_ = t_[ti].const_data_ptr<float>(), sin_ = t_[ti + 1].const_data_ptr<float>();
+    embed_ = t_[ti + 2], embed_scales_ = t_[ti + 3];
+    TORCH_CHECK(embed_.dim() == 2 && embed_.size(1) == hidden_ && embed_.is_contiguous() &&
+                    (embed_.scalar_type() == at::kFloat || (embed_.scalar_type() == at::kChar && embed_scales_.numel())),
+                "DecodeStep: the embedding is an fp32 table or int8 codes with their scales");
   }
 
-  // x (B, hidden) the embedded tokens; pos (B,) rope positions; row b's new key/value goes to cache
+  // x (B, hidden): the embedding rows of `tokens` (int8: codes · their row's or group's scale)
+  void embed(const int64_t* tokens, int64_t B, float* x) const {
+    const int64_t V = embed_.size(0), D = hidden_;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t id = tokens[b];
+      TORCH_CHECK(id >= 0 && id < V, "DecodeStep: token id ", id, " outside the vocabulary of ", V);
+      if (embed_.scalar_type() == at::kFloat) {
+        std::memcpy(x + b * D, embed_.const_data_ptr<float>() + id * D, D * sizeof(float));
+        continue;
+      }
+      const int8_t* q = embed_.const_data_ptr<int8_t>() + id * D;
+      const int64_t G = embed_scales_.size(1), g = D / G;
+      const uint16_t* sc = bf16_ptr(embed_scales_) + id * G;
+      for (int64_t k = 0; k < D; ++k) x[b * D + k] = float(q[k]) * bf16(sc + k / g);
+    }
+  }
+
+  // tokens (B,) token ids; pos (B,) rope positions; row b's new key/value goes to cache
   // slot slots[b]. Row b attends to the slots t ≤ max(slots) where valid[b, t] is set, or, with an
   // empty `valid` (continuous batching: each row at its own length), to t ≤ slots[b].
   // Returns logits (B, vocab).
-  at::Tensor step(at::Tensor x, at::Tensor pos, at::Tensor slots, std::vector<at::Tensor> keys,
+  at::Tensor step(at::Tensor tokens, at::Tensor pos, at::Tensor slots, std::vector<at::Tensor> keys,
                   std::vector<at::Tensor> values, at::Tensor valid) {
-    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == hidden_,
-                "DecodeStep: x is (B, hidden) fp32");
+    TORCH_CHECK(tokens.scalar_type() == at::kLong && tokens.is_contiguous() && tokens.dim() == 1,
+                "DecodeStep: tokens is (B,) int64");
     TORCH_CHECK(int64_t(keys.size()) == L_ && int64_t(values.size()) == L_, "DecodeStep: one cache per layer");
-    const int64_t B = x.size(0), S = keys[0].size(2);
+    const int64_t B = tokens.size(0), S = keys[0].size(2);
     TORCH_CHECK(pos.numel() == B && slots.numel() == B && pos.is_contiguous() && slots.is_contiguous(),
                 "DecodeStep: one position and one slot per row");
     for (int64_t i = 0; i < L_; ++i)
@@ -177,10 +199,11 @@ class DecodeStep : public torch::CustomClassHolder {
     TORCH_CHECK(!ok || (valid.dim() == 2 && valid.size(0) == B && valid.size(1) == S && valid.is_contiguous()),
                 "DecodeStep: valid is (B, slots)");
     const int64_t widest = widest_;
-    at::Tensor work = at::empty({6, B, widest}, x.options());
-    at::Tensor q8 = at::empty({B * widest + 64}, x.options().dtype(at::kChar));
-    at::Tensor d8 = at::empty({2, B * widest / 32 + 16}, x.options());
-    at::Tensor probs = at::empty({B * H_, kv_len}, x.options());
+    const auto f32 = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor work = at::empty({6, B, widest}, f32);
+    at::Tensor q8 = at::empty({B * widest + 64}, f32.dtype(at::kChar));
+    at::Tensor d8 = at::empty({2, B * widest / 32 + 16}, f32);
+    at::Tensor probs = at::empty({B * H_, kv_len}, f32);
     float* h = work[0].data_ptr<float>();
     float* q = work[1].data_ptr<float>();
     float* k = work[2].data_ptr<float>();
@@ -188,8 +211,9 @@ class DecodeStep : public torch::CustomClassHolder {
     float* a = work[4].data_ptr<float>();
     Scratch scratch{work[5].data_ptr<float>(), q8.data_ptr<int8_t>(), d8[0].data_ptr<float>(),
                     d8[1].data_ptr<float>(), 0};
-    at::Tensor out = x.clone();
+    at::Tensor out = at::empty({B, hidden_}, f32);
     float* X = out.data_ptr<float>();
+    embed(tokens.const_data_ptr<int64_t>(), B, X);
     const int64_t* P = pos.const_data_ptr<int64_t>();
     const int64_t D = hidden_, qd = H_ * hd_, kd = KV_ * hd_;
     for (int64_t i = 0; i < L_; ++i) {
@@ -222,7 +246,7 @@ class DecodeStep : public torch::CustomClassHolder {
       for (int64_t j = 0; j < B * D; ++j) X[j] += h[j];
     }
     rms_norm(X, final_norm_, h, B, D, eps_);
-    at::Tensor logits = at::empty({B, head_.N}, x.options());
+    at::Tensor logits = at::empty({B, head_.N}, f32);
     run(head_, h, B, logits.data_ptr<float>(), scratch, act8_);
     return logits;
   }
@@ -265,6 +289,7 @@ class DecodeStep : public torch::CustomClassHolder {
   }
 
   std::vector<at::Tensor> t_;  // keeps every weight alive
+  at::Tensor embed_, embed_scales_;
   std::vector<const float*> norms_;
   std::vector<Lin> lins_;
   Lin head_;
