@@ -64,7 +64,8 @@ _EMPTY = torch.empty(0, dtype=torch.bool)
 def _embedding(embed: nn.Module) -> list[torch.Tensor]:
     """The table the step looks tokens up in (in C++: the Python lookup cost ~0.1 ms per token on
     `small`): fp32 rows, or the int8 codes and scales of a QuantEmbedding (the tied head's)."""
-    if hasattr(embed, "table"):  # a QuantEmbedding
+    from ..compress.quant.linear import QuantEmbedding  # here: compress imports the runtime
+    if isinstance(embed, QuantEmbedding):
         t = embed.table[0]
         return [t.qweight, t.scales.contiguous()]
     return [embed.weight.detach().contiguous(), torch.empty(0)]
